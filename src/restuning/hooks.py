@@ -1,0 +1,125 @@
+"""Attaching a tuner to a frozen op with forward hooks whose handles are kept.
+
+Nothing is monkey-patched. Where an op spans two modules (BERT's MHA: heads in `attention.self`,
+projection in `attention.output.dense`), the op's input is captured by a pre-hook on the entry
+and consumed by the hook on the exit within the same forward call; the slot is cleared when read,
+so no tensor outlives the call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .attention import additive_mask
+from .ops import OpSite
+from .tuners import AttentionTuner, ResTuner
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The op's input: the first positional argument, else `hidden_states`."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise TypeError(f"cannot find the op's input among keyword arguments {sorted(kwargs)}")
+
+
+def add_to_output(output: Any, delta: torch.Tensor) -> Any:
+    """Add `delta` to an op's output, which is a tensor or a tuple whose first item is one."""
+    if isinstance(output, torch.Tensor):
+        return output + delta
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0] + delta, *output[1:])
+    raise TypeError(f"cannot add a tuner delta to an op output of type {type(output).__name__}")
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+class Attachment:
+    """One tuner on one op of `model`, and the hook handles that run it."""
+
+    def __init__(self, model: nn.Module, site: OpSite, tuner: ResTuner):
+        self.model, self.site, self.tuner = model, site, tuner
+        self.handles: list[RemovableHandle] = []
+        self._slot: dict[str, Any] = {}
+
+    def attach(self) -> None:
+        if self.handles:
+            raise RuntimeError(f"{self.site.key} is already attached")
+        if isinstance(self.tuner, AttentionTuner) and self.tuner.uses_attention:
+            self._attach_attention()
+        elif self.site.entry == self.site.exit:
+            module = self.model.get_submodule(self.site.exit)
+            self.handles.append(module.register_forward_hook(self._op_hook, with_kwargs=True))
+        else:
+            entry, exit_ = (self.model.get_submodule(n) for n in (self.site.entry, self.site.exit))
+            self.handles.append(entry.register_forward_pre_hook(self._capture_input, with_kwargs=True))
+            self.handles.append(exit_.register_forward_hook(self._exit_hook))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._slot.clear()
+
+    # --- plain tuners: x' = OP(x) + tuner(x, OP(x)) -------------------------------------------
+    def _op_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = first_input(args, kwargs)
+        return add_to_output(output, self.tuner(x, output_tensor(output)))
+
+    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._slot["x"] = first_input(args, kwargs)
+
+    def _exit_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        x = self._slot.pop("x")
+        return add_to_output(output, self.tuner(x, output_tensor(output)))
+
+    # --- attention tuners: rewrite the per-head context before the output projection -----------
+    def _attach_attention(self) -> None:
+        att = self.site.attention
+        get = self.model.get_submodule
+        self.handles.append(get(att.query).register_forward_hook(self._keep("query")))
+        if self.tuner.needs_keys:
+            entry = get(self.site.entry)
+            self._mask_params = _mask_parameters(entry)
+            self.handles.append(entry.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+            self.handles.append(get(att.key).register_forward_hook(self._keep("key")))
+        self.handles.append(get(att.out).register_forward_pre_hook(self._mix_context))
+
+    def _keep(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._slot[name] = output
+
+        return hook
+
+    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask_index, default_causal = self._mask_params
+        mask = kwargs.get("attention_mask")
+        if mask is None and mask_index is not None and len(args) > mask_index:
+            mask = args[mask_index]
+        self._slot["mask"] = mask
+        self._slot["is_causal"] = bool(kwargs.get("is_causal", default_causal))
+
+    def _mix_context(self, module: nn.Module, args: tuple) -> tuple:
+        context, slot = args[0], self._slot
+        query, key = slot.pop("query"), slot.pop("key", None)
+        mask = None
+        if key is not None:
+            mask = additive_mask(slot.pop("mask"), slot.pop("is_causal"), query.shape[1], key.shape[1], query.device)
+        return (self.tuner.mix(context, query, key, mask), *args[1:])
+
+
+def _mask_parameters(entry: nn.Module) -> tuple[int | None, bool]:
+    """Where `entry.forward` takes `attention_mask` positionally, and whether it is causal by default."""
+    params = [p for p in inspect.signature(entry.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params]
+    index = names.index("attention_mask") if "attention_mask" in names else None
+    return index, bool(getattr(entry, "is_causal", False))

@@ -1,0 +1,309 @@
+"""Finding the ops of a backbone: a family map, a structural search, or the user's names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..config import OP_KINDS, ResTuningConfig
+from .maps import FAMILIES, FamilyMap, family_for_model_type
+from .matching import name_matches
+
+
+class OpMatchError(LookupError):
+    """No op, or more than one candidate, where exactly one was expected."""
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Full module names of an MHA's projections, plus what the prefix/prompt tuners need."""
+
+    query: str
+    key: str
+    value: str
+    out: str
+    norm: str | None
+    num_heads: int
+
+
+@dataclass(frozen=True)
+class OpSite:
+    """One frozen op: `x` is the first input of `entry`, `OP(x)` the output of `exit`."""
+
+    kind: str
+    layer: int | None
+    entry: str
+    exit: str
+    in_features: int
+    out_features: int
+    attention: AttentionSite | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable, ModuleDict-safe name for the tuner on this op."""
+        return f"{self.kind}@{self.exit}".replace(".", "/")
+
+
+_Q = re.compile(r"(q|query|q_proj|to_q|q_lin)")
+_K = re.compile(r"(k|key|k_proj|to_k|k_lin)")
+_V = re.compile(r"(v|value|v_proj|to_v|v_lin)")
+_PRE_NORM = re.compile(r"(norm1|norm_1|ln_1|layernorm_before|layer_norm1|ln1|attention_norm)")
+
+
+def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
+    """Every op that `config` puts a tuner on, in module order.
+
+    Raises OpMatchError (listing what was found) when an op kind that has a tuner matches nothing,
+    or when a match is ambiguous.
+    """
+    specs = config.specs()
+    stacks = _block_stacks(model, config)
+    sites: list[OpSite] = []
+    for kind, spec in specs.items():
+        layers = spec.layers if spec.layers is not None else config.layers
+        if kind in config.target_modules:
+            found = _override_sites(model, kind, config.target_modules[kind], stacks)
+        else:
+            found = [site for stack in stacks for site in stack.sites(kind)]
+        if layers is not None:
+            depth = max((len(s.blocks) for s in stacks), default=0)
+            bad = [i for i in layers if not 0 <= i < depth]
+            if bad:
+                raise OpMatchError(f"{kind}.layers: {bad} out of range; the backbone has blocks 0..{depth - 1}")
+            found = [s for s in found if s.layer in layers]
+        if not found:
+            raise OpMatchError(f"no {kind} op matched; blocks found: {[s.name for s in stacks] or 'none'}")
+        sites.extend(found)
+    return sites
+
+
+@dataclass
+class _Stack:
+    """One ModuleList of blocks with the per-block map of its ops."""
+
+    model: nn.Module
+    name: str
+    blocks: list[nn.Module]
+    family: FamilyMap
+
+    def sites(self, kind: str) -> list[OpSite]:
+        return [self.site(kind, i) for i in range(len(self.blocks))]
+
+    def site(self, kind: str, i: int) -> OpSite:
+        prefix = f"{self.name}.{i}"
+        fam = self.family
+        if kind == "block":
+            entry = exit_ = prefix
+        else:
+            rel_entry, rel_exit = fam.mha if kind == "mha" else fam.ffn
+            entry, exit_ = f"{prefix}.{rel_entry}", f"{prefix}.{rel_exit}"
+        attention = None
+        if kind == "mha":
+            attention = AttentionSite(
+                query=f"{prefix}.{fam.query}",
+                key=f"{prefix}.{fam.key}",
+                value=f"{prefix}.{fam.value}",
+                out=f"{prefix}.{fam.out}",
+                norm=f"{prefix}.{fam.norm}" if fam.norm else None,
+                num_heads=_num_heads(self.model, f"{prefix}.{fam.query}"),
+            )
+        return _make_site(self.model, kind, i, entry, exit_, attention)
+
+
+def _make_site(
+    model: nn.Module, kind: str, layer: int | None, entry: str, exit_: str, attention: AttentionSite | None
+) -> OpSite:
+    entry_mod, exit_mod = _get(model, entry), _get(model, exit_)
+    first = _linears(entry_mod)
+    last = _linears(exit_mod)
+    if not first or not last:
+        raise OpMatchError(f"{kind} op {entry!r} -> {exit_!r}: no linear layer inside to read its width from")
+    return OpSite(kind, layer, entry, exit_, first[0][1].in_features, last[-1][1].out_features, attention)
+
+
+def _block_stacks(model: nn.Module, config: ResTuningConfig) -> list[_Stack]:
+    family = _choose_family(model, config.family)
+    if family is not None:
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
+                 and re.fullmatch(family.blocks, n)]
+        if lists:
+            stacks = [_Stack(model, n, list(m), family) for n, m in lists]
+            _check_family_names(model, stacks[0])
+            return stacks
+        if config.family is not None:
+            raise OpMatchError(
+                f"family {family.name!r}: no ModuleList named like {family.blocks!r}; ModuleLists found: "
+                f"{[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}"
+            )
+    return _structural_stacks(model)
+
+
+def _choose_family(model: nn.Module, forced: str | None) -> FamilyMap | None:
+    if forced == "structural":
+        return None
+    if forced is not None:
+        if forced not in FAMILIES:
+            raise OpMatchError(f"family: unknown {forced!r}; expected one of {sorted(FAMILIES)} or 'structural'")
+        return FAMILIES[forced]
+    cfg = getattr(model, "config", None)
+    return family_for_model_type(getattr(cfg, "model_type", None))
+
+
+def _check_family_names(model: nn.Module, stack: _Stack) -> None:
+    fam, prefix = stack.family, f"{stack.name}.0"
+    names = {*fam.mha, *fam.ffn, fam.query, fam.key, fam.value, fam.out} | ({fam.norm} if fam.norm else set())
+    present = {n for n, _ in stack.blocks[0].named_modules()}
+    missing = sorted(n for n in names if n not in present)
+    if missing:
+        raise OpMatchError(
+            f"family map {fam.name!r} does not fit this model (transformers version?): block {prefix!r} has no "
+            f"{missing}; its modules are {sorted(p for p in present if p)}. Pass family='structural' or "
+            "target_modules to locate the ops."
+        )
+
+
+def _structural_stacks(model: nn.Module) -> list[_Stack]:
+    """Blocks = ModuleLists of same-class children that each hold a q/k/v attention and an FFN."""
+    candidates = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(b) for b in mod}) != 1 or len(_linears(mod[0])) < 4:
+            continue
+        if any(name.startswith(c + ".") for c, _ in candidates):
+            continue
+        candidates.append((name, mod))
+    stacks, problems = [], []
+    for name, mod in candidates:
+        try:
+            stacks.append(_Stack(model, name, list(mod), _structural_map(mod[0], f"{name}.0")))
+        except OpMatchError as err:
+            problems.append(str(err))
+    if not stacks:
+        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        raise OpMatchError(
+            "could not find transformer blocks: no known family map for "
+            f"model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}, and the structural "
+            f"search found none. ModuleLists: {lists}. Problems: {problems}. Name the ops with target_modules."
+        )
+    return stacks
+
+
+def _structural_map(block: nn.Module, where: str) -> FamilyMap:
+    linears = _linears(block)
+    q = _one(linears, _Q, where, "query")
+    k = _one(linears, _K, where, "key")
+    v = _one(linears, _V, where, "value")
+    order = [n for n, _ in linears]
+    widths = dict(linears)
+    after_v = [n for n in order[order.index(v) + 1:] if n not in (q, k)]
+    out = next((n for n in after_v if widths[n].in_features == widths[v].out_features), None)
+    if out is None:
+        raise OpMatchError(f"{where}: no output projection after {v!r}; linear layers: {order}")
+    after_out = order[order.index(out) + 1:]
+    hidden = widths[out].out_features
+    fc1 = next((n for n in after_out if widths[n].in_features == hidden and widths[n].out_features != hidden), None)
+    fc2 = None if fc1 is None else next(
+        (n for n in after_out[after_out.index(fc1) + 1:]
+         if widths[n].in_features == widths[fc1].out_features and widths[n].out_features == hidden), None)
+    if fc2 is None:
+        raise OpMatchError(f"{where}: no FFN (hidden -> wider -> hidden) after {out!r}; linear layers: {order}")
+    norms = [n for n, m in block.named_children() if isinstance(m, nn.LayerNorm) and _PRE_NORM.fullmatch(n)]
+    return FamilyMap(
+        name="structural", model_types=(), blocks="", mha=_op_span(q, out), ffn=_op_span(fc1, fc2),
+        query=q, key=k, value=v, out=out, norm=norms[0] if len(norms) == 1 else None,
+    )
+
+
+def _op_span(first: str, last: str) -> tuple[str, str]:
+    """The op spans the parent of its first linear to its last linear, or their common parent."""
+    p1, p2 = first.rpartition(".")[0], last.rpartition(".")[0]
+    return (p1, p1) if p1 == p2 and p1 else (p1 or first, last)
+
+
+def _override_sites(model: nn.Module, kind: str, target: str | list[str], stacks: list[_Stack]) -> list[OpSite]:
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, target)]
+    if not names:
+        sample = [n for n, _ in model.named_modules() if n][:40]
+        raise OpMatchError(f"target_modules[{kind!r}]={target!r} matched no module; module names include {sample}")
+    nested = [(a, b) for a in names for b in names if b.startswith(a + ".")]
+    if nested:
+        raise OpMatchError(
+            f"target_modules[{kind!r}]={target!r} is ambiguous: it matches nested modules {nested[:5]}; "
+            f"all matches: {names}"
+        )
+    sites = []
+    for name in names:
+        layer = _layer_of(name, stacks)
+        attention = _attention_inside(model, name) if kind == "mha" else None
+        sites.append(_make_site(model, kind, layer, name, name, attention))
+    return sites
+
+
+def _attention_inside(model: nn.Module, name: str) -> AttentionSite | None:
+    try:
+        fam = _structural_map_attention(_get(model, name))
+    except OpMatchError:
+        return None
+    q, k, v, out = (f"{name}.{n}" for n in fam)
+    return AttentionSite(q, k, v, out, None, _num_heads(model, q))
+
+
+def _structural_map_attention(module: nn.Module) -> tuple[str, str, str, str]:
+    linears = _linears(module)
+    q, k, v = (_one(linears, p, "override", r) for p, r in ((_Q, "query"), (_K, "key"), (_V, "value")))
+    rest = [n for n, m in linears if n not in (q, k, v)]
+    if len(rest) != 1:
+        raise OpMatchError("no single output projection")
+    return q, k, v, rest[0]
+
+
+def _layer_of(name: str, stacks: list[_Stack]) -> int | None:
+    for stack in stacks:
+        if name.startswith(stack.name + "."):
+            return int(name[len(stack.name) + 1:].split(".")[0])
+    return None
+
+
+def _one(linears: list[tuple[str, nn.Linear]], pattern: re.Pattern, where: str, role: str) -> str:
+    hits = [n for n, _ in linears if pattern.fullmatch(n.rpartition(".")[2])]
+    if len(hits) != 1:
+        raise OpMatchError(
+            f"{where}: expected one {role} projection, found {hits or 'none'}; linear layers: {[n for n, _ in linears]}"
+        )
+    return hits[0]
+
+
+def _num_heads(model: nn.Module, query_name: str) -> int:
+    parent = _get(model, query_name.rpartition(".")[0])
+    for attr in ("num_attention_heads", "num_heads", "heads", "n_heads"):
+        value = getattr(parent, attr, None)
+        if isinstance(value, int):
+            return value
+    value = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if isinstance(value, int):
+        return value
+    raise OpMatchError(f"{query_name}: cannot tell the number of attention heads")
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    if isinstance(module, nn.Linear):
+        return [("", module)]
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise OpMatchError(f"no module named {name!r} in {type(model).__name__}") from err
+
+
+def describe(sites: Iterable[OpSite]) -> str:
+    return "\n".join(f"{s.kind:>6} layer {s.layer}: {s.entry} -> {s.exit}" for s in sites)
+
+
+__all__ = ["AttentionSite", "OpMatchError", "OpSite", "OP_KINDS", "describe", "find_ops"]

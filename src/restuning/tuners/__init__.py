@@ -1,0 +1,15 @@
+"""Res-Tuners: one small module each, registered by name. A new tuner is one module and one entry."""
+
+from . import adapter, bitfit, lora, prefix, prompt, ssf  # noqa: F401  (registration)
+from .adapter import ResAdapter
+from .base import TUNERS, AttentionTuner, FrozenAttention, OpContext, ResTuner, build_tuner, register_tuner
+from .bitfit import BitFit
+from .lora import LoRA
+from .prefix import ResPrefix
+from .prompt import ResPrompt
+from .ssf import SSF
+
+__all__ = [
+    "TUNERS", "AttentionTuner", "BitFit", "FrozenAttention", "LoRA", "OpContext", "ResAdapter", "ResPrefix",
+    "ResPrompt", "ResTuner", "SSF", "build_tuner", "register_tuner",
+]

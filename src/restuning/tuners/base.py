@@ -1,0 +1,102 @@
+"""The Res-Tuner interface and registry: `x' = OP(x) + tuner(x, OP(x))`.
+
+A tuner is a plain module that maps the op's input `x` (and, for tuners such as SSF that read it, the
+op's output `y`) to a delta added to `y`. It knows nothing of the backbone's code. Tuners that work
+inside an attention (Res-Prefix, Res-Prompt) also implement `mix`, which rewrites the attention's
+per-head context before the frozen output projection.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, TunerSpec
+
+
+@dataclass(frozen=True, eq=False)
+class FrozenAttention:
+    """References to an MHA's frozen modules. Held as a plain object so they never become tuner
+    parameters (saved, counted or trained)."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    norm: nn.Module | None
+    num_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.out_features // self.num_heads
+
+
+@dataclass(frozen=True, eq=False)
+class OpContext:
+    """What a tuner may know of the op it is attached to."""
+
+    in_features: int
+    out_features: int
+    attention: FrozenAttention | None = None
+
+
+class ResTuner(nn.Module):
+    """Base class. Subclasses take `(ctx: OpContext, dim: int, **options)`."""
+
+    name: ClassVar[str]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: op input (..., in_features); y: op output (..., out_features). Returns a delta like y."""
+        raise NotImplementedError
+
+
+class AttentionTuner(ResTuner):
+    """A tuner that, on an MHA with known projections, works on the per-head context."""
+
+    @property
+    def uses_attention(self) -> bool:
+        """True when attached to an MHA whose projections it can use."""
+        raise NotImplementedError
+
+    @property
+    def needs_keys(self) -> bool:
+        """True when `mix` needs the frozen keys and mask (exact unbinding)."""
+        return False
+
+    def mix(
+        self, context: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """context, query, key: (B, T, H*d) merged heads; mask: additive (B|1, 1|H, T, S) or None.
+        Returns the new context, (B, T, H*d)."""
+        raise NotImplementedError
+
+
+TUNERS: dict[str, type[ResTuner]] = {}
+
+
+def register_tuner(name: str):
+    """Class decorator: make a tuner available to configs under `name`."""
+
+    def wrap(cls: type[ResTuner]) -> type[ResTuner]:
+        if name in TUNERS:
+            raise ValueError(f"tuner {name!r} is already registered")
+        cls.name = name
+        TUNERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_tuner(spec: TunerSpec, ctx: OpContext, default_dim: int, where: str = "") -> ResTuner:
+    """Instantiate `spec` for one op, with a clear error for an unknown name or option."""
+    cls = TUNERS.get(spec.name)
+    if cls is None:
+        raise ConfigError(f"{where}: unknown tuner {spec.name!r}; registered tuners: {sorted(TUNERS)}")
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx", "dim")]
+    unknown = set(spec.options) - set(accepted)
+    if unknown:
+        raise ConfigError(f"{where}: tuner {spec.name!r} has no option(s) {sorted(unknown)}; accepted: {accepted}")
+    return cls(ctx, spec.dim if spec.dim is not None else default_dim, **spec.options)

@@ -1,0 +1,34 @@
+"""LoRA in the Res-Tuning frame: a parallel low-rank linear map, `x' = W x + (alpha/r) B A x`.
+
+On a linear op this is LoRA exactly (paper Table 7: OP = weight); on a larger op it is a low-rank
+linear Res-Tuner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import OpContext, ResTuner, register_tuner
+
+
+@register_tuner("lora")
+class LoRA(ResTuner):
+    """Args: dim: rank r; alpha: scaling numerator (default r, i.e. scaling 1); dropout on x."""
+
+    def __init__(self, ctx: OpContext, dim: int, alpha: float | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(dim, ctx.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(ctx.out_features, dim))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = (alpha if alpha is not None else dim) / dim
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update to merge into the op's weight, (out_features, in_features)."""
+        return self.lora_B @ self.lora_A * self.scaling
