@@ -1,0 +1,176 @@
+"""The bound (original) forms of prefix tuning, VPT-deep and the serial Houlsby adapter.
+
+They exist to prove the unbound Res-Tuners exact (tests, `benchmarks/equivalence.py`), so they are
+written the way the published methods work, on real transformers modules:
+- prefix tuning concatenates K_pre, V_pre to every MHA's keys and values inside transformers' own
+  attention function (eager or SDPA, whichever the model uses), through its `AttentionInterface`;
+- VPT-deep joins prompt tokens to every block's input and drops them after the block;
+- the Houlsby adapter runs serially on the FFN's output.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .hooks import add_to_output, first_input, output_tensor
+from .ops import OpSite
+from .tuners import OpContext, ResAdapter
+
+_BOUND_NAME = "restuning_bound_prefix"
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> (holder, key, impl)
+
+
+def _extend_mask(mask: torch.Tensor | None, n: int, at_end: bool, rows: bool) -> torch.Tensor | None:
+    """Make `n` extra key columns visible in a transformers mask (additive float or boolean keep);
+    with `rows`, also add `n` query rows (their outputs are discarded)."""
+    if mask is None:
+        return None
+    visible = True if mask.dtype == torch.bool else 0.0
+    cols = (0, n) if at_end else (n, 0)
+    mask = F.pad(mask, cols, value=visible)
+    if rows:
+        mask = F.pad(mask, (0, 0, 0, n), value=visible) if mask.shape[-2] > 1 else mask
+    return mask
+
+
+def _bound_prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    holder, key_name, impl = _PREFIXES[module]
+    k_pre, v_pre = holder.prefix_key[key_name][None], holder.prefix_value[key_name][None]
+    if kwargs.get("is_causal") or (attention_mask is None and getattr(module, "is_causal", False)):
+        raise NotImplementedError("the bound prefix reference is for bidirectional encoders")
+    b = key.shape[0]
+    key = torch.cat([k_pre.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)
+    value = torch.cat([v_pre.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
+    attention_mask = _extend_mask(attention_mask, k_pre.shape[2], at_end=False, rows=False)
+    if impl == "eager":
+        original = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        original = ALL_ATTENTION_FUNCTIONS[impl]
+    return original(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_bound(impl: str) -> str:
+    """Register the bound-prefix attention for `impl`, with `impl`'s own mask builder (transformers
+    builds masks per implementation name, and gives none to a name it does not know)."""
+    if impl not in ("eager", "sdpa"):
+        raise NotImplementedError(f"bound prefix reference supports eager and sdpa, not {impl!r}")
+    name = f"{_BOUND_NAME}_{impl}"
+    AttentionInterface.register(name, _bound_prefix_attention)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[impl])
+    return name
+
+
+class BoundPrefixTuning(nn.Module):
+    """Prefix tuning: per MHA, K_pre and V_pre of shape (H, n, d) joined to the keys and values."""
+
+    def __init__(self, model: nn.Module, sites: list[OpSite], tokens: int):
+        super().__init__()
+        self.model = [model]  # a list, so the backbone is not a submodule of this holder
+        self.prefix_key, self.prefix_value = nn.ParameterDict(), nn.ParameterDict()
+        self._configs = []
+        for site in sites:
+            att = site.attention
+            module = model.get_submodule(att.query.rpartition(".")[0])
+            heads, d = att.num_heads, model.get_submodule(att.query).out_features // att.num_heads
+            self.prefix_key[site.key] = nn.Parameter(torch.randn(heads, tokens, d) * 0.02)
+            self.prefix_value[site.key] = nn.Parameter(torch.randn(heads, tokens, d))
+            impl = module.config._attn_implementation
+            _PREFIXES[module] = (self, site.key, impl)
+            if all(c is not module.config for c, _ in self._configs):
+                self._configs.append((module.config, impl))
+        for config, impl in self._configs:
+            config._attn_implementation = _register_bound(impl)
+
+    def forward(self, *args, **kwargs):
+        return self.model[0](*args, **kwargs)
+
+    def remove(self) -> None:
+        for config, impl in self._configs:
+            config._attn_implementation = impl
+
+
+class BoundVPTDeep(nn.Module):
+    """VPT-deep: per block, n prompt tokens (n, D) joined to the block input, dropped after it."""
+
+    def __init__(self, model: nn.Module, blocks: list[str], tokens: int, width: int):
+        super().__init__()
+        self.model = [model]
+        self.prompts = nn.ParameterDict()
+        self.handles = []
+        for name in blocks:
+            key = name.replace(".", "/")
+            self.prompts[key] = nn.Parameter(torch.randn(tokens, width))
+            block = model.get_submodule(name)
+            self.handles.append(block.register_forward_pre_hook(self._join(key), with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._drop(tokens)))
+
+    def _join(self, key: str):
+        def hook(module, args, kwargs):
+            x = first_input(args, kwargs)
+            prompts = self.prompts[key].to(x.dtype).expand(x.shape[0], -1, -1)
+            joined = torch.cat([x, prompts], dim=1)
+            n = prompts.shape[1]
+            if args:
+                args = (joined, *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": joined}
+            if "attention_mask" in kwargs:
+                kwargs = {**kwargs, "attention_mask": _extend_mask(kwargs["attention_mask"], n, True, True)}
+            elif len(args) > 1:
+                args = (args[0], _extend_mask(args[1], n, True, True), *args[2:])
+            return args, kwargs
+
+        return hook
+
+    def _drop(self, n: int):
+        def hook(module, args, output):
+            out = output_tensor(output)[:, :-n]
+            return out if isinstance(output, torch.Tensor) else (out, *output[1:])
+
+        return hook
+
+    def forward(self, *args, **kwargs):
+        return self.model[0](*args, **kwargs)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class BoundHoulsbyAdapter(nn.Module):
+    """Serial adapter after each FFN: `h = FFN(x); h + up(act(down(h)))`."""
+
+    def __init__(self, model: nn.Module, sites: list[OpSite], dim: int):
+        super().__init__()
+        self.model = [model]
+        self.adapters = nn.ModuleDict()
+        self.handles = []
+        for site in sites:
+            adapter = ResAdapter(OpContext(site.out_features, site.out_features), dim, reads="input")
+            nn.init.normal_(adapter.up.weight, std=0.02)
+            self.adapters[site.key] = adapter
+            module = model.get_submodule(site.exit)
+            self.handles.append(module.register_forward_hook(self._serial(adapter)))
+
+    @staticmethod
+    def _serial(adapter: ResAdapter):
+        def hook(module, args, output):
+            h = output_tensor(output)
+            return add_to_output(output, adapter(h, h))
+
+        return hook
+
+    def forward(self, *args, **kwargs):
+        return self.model[0](*args, **kwargs)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
