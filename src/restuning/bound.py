@@ -10,8 +10,12 @@ written the way the published methods work, on real transformers modules:
 
 from __future__ import annotations
 
+import copy
+import statistics
 import sys
+import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -174,3 +178,70 @@ class BoundHoulsbyAdapter(nn.Module):
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+@dataclass
+class FormComparison:
+    """Bound vs unbound: largest output and gradient differences, and seconds per forward+backward."""
+
+    form: str
+    output_diff: float
+    grad_diff: float
+    bound_seconds: float
+    unbound_seconds: float
+
+
+def compare_forms(
+    model: nn.Module, inputs: dict, form: str, read=lambda out: out.last_hidden_state, tokens: int = 10,
+    repeats: int = 1,
+) -> FormComparison:
+    """Run `form` ("prefix", "prompt" or "adapter") bound and unbound on copies of `model` with the same
+    weights; compare outputs and the gradients of every tuner parameter for one random linear loss."""
+    from .config import ResTuningConfig, TunerSpec
+    from .model import get_restuning_model
+
+    specs = {
+        "prefix": dict(mha=TunerSpec("res_prefix", tokens, options={"mode": "exact"}), ffn=None),
+        "prompt": dict(mha=TunerSpec("res_prompt", tokens, options={"mode": "exact"}), ffn=None),
+        "adapter": dict(mha=None, ffn=TunerSpec("res_adapter", tokens, options={"reads": "output"})),
+    }
+    if form not in specs:
+        raise ValueError(f"form: expected one of {sorted(specs)}, got {form!r}")
+    tuned = get_restuning_model(copy.deepcopy(model), ResTuningConfig(**specs[form]))
+    sites = list(tuned.sites.values())
+    bound_model = copy.deepcopy(model)
+    if form == "prefix":
+        bound = BoundPrefixTuning(bound_model, sites, tokens)
+        pairs = [(bound.prefix_key[s.key], tuned.tuners[s.key].prefix_key) for s in sites]
+        pairs += [(bound.prefix_value[s.key], tuned.tuners[s.key].prefix_value) for s in sites]
+    elif form == "prompt":
+        width = sites[0].in_features
+        bound = BoundVPTDeep(bound_model, [s.block for s in sites], tokens, width)
+        pairs = [(bound.prompts[s.block.replace(".", "/")], tuned.tuners[s.key].prompt) for s in sites]
+    else:
+        bound = BoundHoulsbyAdapter(bound_model, sites, tokens)
+        pairs = [(pb, pu) for s in sites for pb, pu in
+                 zip(bound.adapters[s.key].parameters(), tuned.tuners[s.key].parameters())]
+    with torch.no_grad():
+        for pb, pu in pairs:
+            pu.copy_(pb)
+    try:
+        out_b, t_b = _forward_backward(bound, inputs, read, repeats)
+        out_u, t_u = _forward_backward(tuned, inputs, read, repeats)
+        grad_diff = max((pb.grad - pu.grad).abs().max().item() for pb, pu in pairs)
+    finally:
+        bound.remove()
+    return FormComparison(form, (out_b - out_u).abs().max().item(), grad_diff, t_b, t_u)
+
+
+def _forward_backward(model: nn.Module, inputs: dict, read, repeats: int) -> tuple[torch.Tensor, float]:
+    times = []
+    for _ in range(repeats):
+        for p in model.parameters():
+            p.grad = None
+        start = time.perf_counter()
+        out = read(model(**inputs))
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        (out * weights).sum().backward()
+        times.append(time.perf_counter() - start)
+    return out.detach(), statistics.median(times)

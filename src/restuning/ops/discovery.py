@@ -40,6 +40,7 @@ class OpSite:
     in_features: int
     out_features: int
     attention: AttentionSite | None = None
+    block: str | None = None  # name of the enclosing block, where there is one
 
     @property
     def key(self) -> str:
@@ -110,18 +111,19 @@ class _Stack:
                 norm=f"{prefix}.{fam.norm}" if fam.norm else None,
                 num_heads=_num_heads(self.model, f"{prefix}.{fam.query}"),
             )
-        return _make_site(self.model, kind, i, entry, exit_, attention)
+        return _make_site(self.model, kind, i, entry, exit_, attention, prefix)
 
 
 def _make_site(
-    model: nn.Module, kind: str, layer: int | None, entry: str, exit_: str, attention: AttentionSite | None
+    model: nn.Module, kind: str, layer: int | None, entry: str, exit_: str, attention: AttentionSite | None,
+    block: str | None,
 ) -> OpSite:
     entry_mod, exit_mod = _get(model, entry), _get(model, exit_)
     first = _linears(entry_mod)
     last = _linears(exit_mod)
     if not first or not last:
         raise OpMatchError(f"{kind} op {entry!r} -> {exit_!r}: no linear layer inside to read its width from")
-    return OpSite(kind, layer, entry, exit_, first[0][1].in_features, last[-1][1].out_features, attention)
+    return OpSite(kind, layer, entry, exit_, first[0][1].in_features, last[-1][1].out_features, attention, block)
 
 
 def _block_stacks(model: nn.Module, config: ResTuningConfig) -> list[_Stack]:
@@ -237,9 +239,9 @@ def _override_sites(model: nn.Module, kind: str, target: str | list[str], stacks
         )
     sites = []
     for name in names:
-        layer = _layer_of(name, stacks)
+        layer, block = _layer_of(name, stacks)
         attention = _attention_inside(model, name) if kind == "mha" else None
-        sites.append(_make_site(model, kind, layer, name, name, attention))
+        sites.append(_make_site(model, kind, layer, name, name, attention, block))
     return sites
 
 
@@ -261,11 +263,12 @@ def _structural_map_attention(module: nn.Module) -> tuple[str, str, str, str]:
     return q, k, v, rest[0]
 
 
-def _layer_of(name: str, stacks: list[_Stack]) -> int | None:
+def _layer_of(name: str, stacks: list[_Stack]) -> tuple[int | None, str | None]:
     for stack in stacks:
         if name.startswith(stack.name + "."):
-            return int(name[len(stack.name) + 1:].split(".")[0])
-    return None
+            index = int(name[len(stack.name) + 1:].split(".")[0])
+            return index, f"{stack.name}.{index}"
+    return None, None
 
 
 def _one(linears: list[tuple[str, nn.Linear]], pattern: re.Pattern, where: str, role: str) -> str:

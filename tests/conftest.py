@@ -1,0 +1,94 @@
+"""Tiny backbones built in code, one per supported family, with inputs and an output reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    ViTConfig,
+    ViTModel,
+)
+
+WIDTH, HEADS, DEPTH = 32, 4, 2
+_COMMON = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=48)
+
+
+@dataclass
+class ModelCase:
+    name: str
+    build: Callable[..., torch.nn.Module]
+    inputs: Callable[[], dict]
+
+    def model(self, attn: str = "eager", depth: int = DEPTH) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return self.build(attn, depth).eval()
+
+
+def _with(config, attn: str):
+    config._attn_implementation = attn
+    return config
+
+
+def _vit(attn, depth):
+    return ViTModel(_with(ViTConfig(**{**_COMMON, "num_hidden_layers": depth}, image_size=16, patch_size=4,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), attn))
+
+
+def _dinov2(attn, depth):
+    return Dinov2Model(_with(Dinov2Config(hidden_size=WIDTH, num_hidden_layers=depth, num_attention_heads=HEADS,
+                                          mlp_ratio=2, image_size=16, patch_size=4), attn))
+
+
+def _bert(attn, depth):
+    return BertModel(_with(BertConfig(**{**_COMMON, "num_hidden_layers": depth}, vocab_size=101,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), attn))
+
+
+def _clip_text(attn, depth):
+    return CLIPTextModel(_with(CLIPTextConfig(**{**_COMMON, "num_hidden_layers": depth}, vocab_size=101), attn))
+
+
+def _clip_vision(attn, depth):
+    return CLIPVisionModel(_with(CLIPVisionConfig(**{**_COMMON, "num_hidden_layers": depth}, image_size=16,
+                                                  patch_size=4), attn))
+
+
+def _pixels():
+    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+
+
+def _tokens():
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.tensor([[1] * 9, [1] * 5 + [0] * 4])}
+
+
+CASES = {
+    c.name: c
+    for c in (
+        ModelCase("vit", _vit, _pixels),
+        ModelCase("dinov2", _dinov2, _pixels),
+        ModelCase("bert", _bert, _tokens),
+        ModelCase("clip_text", _clip_text, _tokens),
+        ModelCase("clip_vision", _clip_vision, _pixels),
+    )
+}
+
+
+def hidden(output) -> torch.Tensor:
+    return output.last_hidden_state
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> ModelCase:
+    return CASES[request.param]
