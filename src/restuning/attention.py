@@ -49,23 +49,25 @@ def attend(
     """Softmax attention that also returns the log-normaliser of each query row.
 
     q: (B, H, T, d); k, v: (B|1, H, S, d); mask: additive, broadcastable to (B, H, T, S).
-    Returns out (B, H, T, d) in q's dtype and lse (B, H, T, 1) in float32.
-    Scores are formed in float32 so that bfloat16 runs keep the identity to bf16 rounding.
+    Returns out (B, H, T, d) in q's dtype and lse (B, H, T, 1).
+    Scores are formed in at least float32 (bfloat16 runs keep the identity to bf16 rounding; float64
+    runs stay float64).
     """
     scores = _scores(q, k, scale, mask)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.matmul(torch.exp(scores - lse), v.float())
+    out = torch.matmul(torch.exp(scores - lse), v.to(scores.dtype))
     return out.to(q.dtype), lse
 
 
 def log_normaliser(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """logsumexp of each query row's scores, (B, H, T, 1) float32."""
+    """logsumexp of each query row's scores, (B, H, T, 1), at least float32."""
     return torch.logsumexp(_scores(q, k, scale, mask), dim=-1, keepdim=True)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    return scores if mask is None else scores + mask
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    return scores if mask is None else scores + mask.to(dtype)
 
 
 def mix_prefix(

@@ -158,10 +158,11 @@ class BoundHoulsbyAdapter(nn.Module):
         self.adapters = nn.ModuleDict()
         self.handles = []
         for site in sites:
+            module = model.get_submodule(site.exit)
             adapter = ResAdapter(OpContext(site.out_features, site.out_features), dim, reads="input")
             nn.init.normal_(adapter.up.weight, std=0.02)
+            adapter.to(next(module.parameters()).dtype)
             self.adapters[site.key] = adapter
-            module = model.get_submodule(site.exit)
             self.handles.append(module.register_forward_hook(self._serial(adapter)))
 
     @staticmethod
@@ -187,8 +188,18 @@ class FormComparison:
     form: str
     output_diff: float
     grad_diff: float
+    output_scale: float  # max |output| of the bound form, to read the differences relative to
+    grad_scale: float
     bound_seconds: float
     unbound_seconds: float
+
+    @property
+    def relative_output_diff(self) -> float:
+        return self.output_diff / self.output_scale
+
+    @property
+    def relative_grad_diff(self) -> float:
+        return self.grad_diff / self.grad_scale
 
 
 def compare_forms(
@@ -209,7 +220,7 @@ def compare_forms(
         raise ValueError(f"form: expected one of {sorted(specs)}, got {form!r}")
     tuned = get_restuning_model(copy.deepcopy(model), ResTuningConfig(**specs[form]))
     sites = list(tuned.sites.values())
-    bound_model = copy.deepcopy(model)
+    bound_model = copy.deepcopy(model).requires_grad_(False)  # frozen, as any user of these methods has it
     if form == "prefix":
         bound = BoundPrefixTuning(bound_model, sites, tokens)
         pairs = [(bound.prefix_key[s.key], tuned.tuners[s.key].prefix_key) for s in sites]
@@ -226,22 +237,25 @@ def compare_forms(
         for pb, pu in pairs:
             pu.copy_(pb)
     try:
-        out_b, t_b = _forward_backward(bound, inputs, read, repeats)
-        out_u, t_u = _forward_backward(tuned, inputs, read, repeats)
+        times_b, times_u = [], []
+        for _ in range(repeats + 1):  # interleaved; the first round warms up and is not timed
+            out_b, t_b = _forward_backward(bound, inputs, read)
+            out_u, t_u = _forward_backward(tuned, inputs, read)
+            times_b.append(t_b)
+            times_u.append(t_u)
         grad_diff = max((pb.grad - pu.grad).abs().max().item() for pb, pu in pairs)
+        grad_scale = max(pb.grad.abs().max().item() for pb, _ in pairs)
     finally:
         bound.remove()
-    return FormComparison(form, (out_b - out_u).abs().max().item(), grad_diff, t_b, t_u)
+    return FormComparison(form, (out_b - out_u).abs().max().item(), grad_diff, out_b.abs().max().item(),
+                          grad_scale, statistics.median(times_b[1:]), statistics.median(times_u[1:]))
 
 
-def _forward_backward(model: nn.Module, inputs: dict, read, repeats: int) -> tuple[torch.Tensor, float]:
-    times = []
-    for _ in range(repeats):
-        for p in model.parameters():
-            p.grad = None
-        start = time.perf_counter()
-        out = read(model(**inputs))
-        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-        (out * weights).sum().backward()
-        times.append(time.perf_counter() - start)
-    return out.detach(), statistics.median(times)
+def _forward_backward(model: nn.Module, inputs: dict, read) -> tuple[torch.Tensor, float]:
+    for p in model.parameters():
+        p.grad = None
+    start = time.perf_counter()
+    out = read(model(**inputs))
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    return out.detach(), time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,10 @@ class ResTuningModel(nn.Module):
         self._attachments = [Attachment(model, self.sites[k], t) for k, t in self.tuners.items()]
         for attachment in self._attachments:
             attachment.attach()
+        # Present the backbone's call signature (transformers.Trainer reads it to pick dataset columns).
+        forward = functools.partial(type(self).forward, self)
+        forward.__wrapped__ = model.forward
+        self.forward = forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)

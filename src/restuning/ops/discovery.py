@@ -215,15 +215,26 @@ def _structural_map(block: nn.Module, where: str) -> FamilyMap:
         raise OpMatchError(f"{where}: no FFN (hidden -> wider -> hidden) after {out!r}; linear layers: {order}")
     norms = [n for n, m in block.named_children() if isinstance(m, nn.LayerNorm) and _PRE_NORM.fullmatch(n)]
     return FamilyMap(
-        name="structural", model_types=(), blocks="", mha=_op_span(q, out), ffn=_op_span(fc1, fc2),
+        name="structural", model_types=(), blocks="", mha=_op_span(block, q, out), ffn=_op_span(block, fc1, fc2),
         query=q, key=k, value=v, out=out, norm=norms[0] if len(norms) == 1 else None,
     )
 
 
-def _op_span(first: str, last: str) -> tuple[str, str]:
-    """The op spans the parent of its first linear to its last linear, or their common parent."""
-    p1, p2 = first.rpartition(".")[0], last.rpartition(".")[0]
-    return (p1, p1) if p1 == p2 and p1 else (p1 or first, last)
+def _op_span(block: nn.Module, first: str, last: str) -> tuple[str, str]:
+    """The op spans the parent of its first linear to its last linear, or is their common parent.
+    A container that is never called itself (ModuleDict, ModuleList) cannot carry hooks: then the op
+    spans the linears themselves."""
+
+    def callable_parent(name: str) -> str:
+        parent = name.rpartition(".")[0]
+        if not parent or isinstance(block.get_submodule(parent), (nn.ModuleDict, nn.ModuleList)):
+            return ""
+        return parent
+
+    p1, p2 = callable_parent(first), callable_parent(last)
+    if p1 and p1 == p2:
+        return p1, p1
+    return p1 or first, last
 
 
 def _override_sites(model: nn.Module, kind: str, target: str | list[str], stacks: list[_Stack]) -> list[OpSite]:

@@ -1,0 +1,138 @@
+"""Finding ops: family maps, the structural fallback, user overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CASES, DEPTH
+from torch import nn
+
+import restuning
+from restuning import OpMatchError, ResTuningConfig, find_ops
+
+EXPECTED_MHA_EXIT = {
+    "vit": "layers.0.attention",
+    "dinov2": "encoder.layer.0.attention",
+    "bert": "encoder.layer.0.attention.output.dense",
+    "clip_text": "encoder.layers.0.self_attn",
+    "clip_vision": "encoder.layers.0.self_attn",
+}
+
+
+def test_family_maps_find_every_block(case):
+    model = case.model()
+    sites = find_ops(model, ResTuningConfig(block="res_adapter"))
+    kinds = [s.kind for s in sites]
+    assert kinds.count("mha") == kinds.count("ffn") == kinds.count("block") == DEPTH
+    mha0 = next(s for s in sites if s.kind == "mha" and s.layer == 0)
+    assert mha0.exit == EXPECTED_MHA_EXIT[case.name]
+    assert mha0.attention is not None and mha0.attention.num_heads == 4
+
+
+def test_structural_fallback_agrees_with_the_family_maps(case):
+    model = case.model()
+    config = dict(block="res_adapter")
+    by_map = find_ops(model, ResTuningConfig(**config))
+    by_structure = find_ops(model, ResTuningConfig(**config, family="structural"))
+    assert [(s.kind, s.entry, s.exit, s.attention) for s in by_map] == \
+        [(s.kind, s.entry, s.exit, s.attention) for s in by_structure]
+
+
+class _Block(nn.Module):
+    """A transformer block no map knows: odd names, still q/k/v/out then an FFN."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.mixer = nn.ModuleDict(dict(query=nn.Linear(width, width), key=nn.Linear(width, width),
+                                        value=nn.Linear(width, width), proj=nn.Linear(width, width)))
+        self.ln_2 = nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        q, k, v = (self.mixer[n](h).view(*h.shape[:2], 2, -1).transpose(1, 2) for n in ("query", "key", "value"))
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        x = x + self.mixer["proj"](att.transpose(1, 2).reshape(h.shape))
+        return x + self.ff(self.ln_2(x))
+
+
+class _Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.blocks[0].mixer.num_heads = self.blocks[1].mixer.num_heads = 2
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_structural_fallback_on_an_unknown_encoder():
+    model = _Unknown()
+    sites = find_ops(model, ResTuningConfig(mha="res_prefix", block="res_adapter"))
+    mha = [s for s in sites if s.kind == "mha"]
+    assert [s.exit for s in mha] == ["blocks.0.mixer.proj", "blocks.1.mixer.proj"]
+    assert mha[0].entry == "blocks.0.mixer.query" and mha[0].attention.num_heads == 2  # ModuleDict: never called
+    ffn = [s for s in sites if s.kind == "ffn"]
+    assert [(s.entry, s.exit) for s in ffn] == [("blocks.0.ff", "blocks.0.ff"), ("blocks.1.ff", "blocks.1.ff")]
+    x = torch.randn(2, 5, 16)
+    reference = model(x)
+    tuned = restuning.get_restuning_model(model, ResTuningConfig(mha="res_prefix", block="res_adapter"))
+    torch.testing.assert_close(tuned(x), reference, atol=1e-6, rtol=0)
+
+
+def test_no_blocks_found_lists_what_was_seen():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(OpMatchError, match="could not find transformer blocks.*ModuleLists"):
+        find_ops(model, ResTuningConfig())
+
+
+def test_override_with_peft_matching_rules():
+    model = CASES["bert"].model()
+    regex = ResTuningConfig(mha=None, ffn=None, custom={"qv": "lora"},
+                            target_modules={"qv": r".*\.(query|value)"})
+    assert [s.exit for s in find_ops(model, regex)] == [
+        f"encoder.layer.{i}.attention.self.{n}" for i in range(DEPTH) for n in ("query", "value")]
+    suffix = ResTuningConfig(mha=None, ffn=None, custom={"qv": "lora"}, target_modules={"qv": ["query"]})
+    assert [s.layer for s in find_ops(model, suffix)] == list(range(DEPTH))
+
+
+def test_override_zero_matches_lists_candidates():
+    model = CASES["vit"].model()
+    cfg = ResTuningConfig(mha=None, ffn="res_adapter", target_modules={"ffn": r".*\.feed_forward"})
+    with pytest.raises(OpMatchError, match="matched no module.*module names include"):
+        find_ops(model, cfg)
+
+
+def test_override_ambiguous_match_is_an_error():
+    model = CASES["bert"].model()
+    cfg = ResTuningConfig(mha="res_adapter", ffn=None, target_modules={"mha": r".*\.attention(\.output)?"})
+    with pytest.raises(OpMatchError, match="ambiguous.*nested"):
+        find_ops(model, cfg)
+
+
+def test_layer_subsets_and_bad_indices():
+    model = CASES["vit"].model()
+    sites = find_ops(model, ResTuningConfig(layers=[1]))
+    assert {s.layer for s in sites} == {1}
+    with pytest.raises(OpMatchError, match=r"out of range; the backbone has blocks 0..1"):
+        find_ops(model, ResTuningConfig(layers=[5]))
+
+
+def test_forced_family_that_does_not_fit():
+    with pytest.raises(OpMatchError, match="does not fit this model"):
+        find_ops(CASES["dinov2"].model(), ResTuningConfig(family="bert"))
+    with pytest.raises(OpMatchError, match="unknown 'gpt'"):
+        find_ops(CASES["vit"].model(), ResTuningConfig(family="gpt"))
+
+
+def test_tuners_attach_by_hooks_not_patching():
+    model = CASES["bert"].model()
+    forwards = {name: type(m).forward for name, m in model.named_modules()}
+    tuned = restuning.get_restuning_model(model, ResTuningConfig(mha="res_prefix", ffn="res_adapter"))
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert {name: type(m).forward for name, m in model.named_modules()} == forwards
+    handles = sum(len(a.handles) for a in tuned._attachments)
+    assert handles == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
