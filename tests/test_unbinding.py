@@ -36,6 +36,24 @@ def test_prefix_identity_with_padding_mask():
     joined_mask = torch.cat([torch.zeros(b, 1, 1, n), mask.expand(b, 1, 1, t)], dim=-1)
     expected, _ = attend(q, torch.cat([k_pre.expand(b, -1, -1, -1), k], 2),
                          torch.cat([v_pre.expand(b, -1, -1, -1), v], 2), scale, joined_mask)
-    torch.testing.assert_close(mix_prefix(context, q, k, k_pre, v_pre, scale, mask), expected, atol=1e-6, rtol=0)
+    mixed = mix_prefix(context, q, k, k_pre, v_pre, scale, mask)
+    torch.testing.assert_close(mixed, expected, atol=1e-6, rtol=0)
     unmasked = mix_prefix(context, q, k, k_pre, v_pre, scale, None)
     assert (unmasked - expected).abs().max() > 1e-3
+
+
+def test_unbinding_on_the_shipped_minilm():
+    """Pretrained all-MiniLM-L6-v2, padded real sentences, both attention implementations, in float64,
+    where rounding cannot hide a difference. (In float32 its large activations put the rounding
+    differences at a few 1e-5; docs/unbinding.md gives the measured figures.)"""
+    from restuning.assets import minilm
+
+    model, tok = minilm()
+    model = model.double().eval()
+    inputs = dict(tok(["Res-Tuning unbinds tuners.", "A padded, somewhat longer second sentence."],
+                      padding=True, return_tensors="pt"))
+    for attn in ("eager", "sdpa"):
+        model.config._attn_implementation = attn
+        for form in ("prefix", "prompt", "adapter"):
+            r = compare_forms(model, inputs, form, tokens=4)
+            assert r.output_diff < 1e-10 and r.grad_diff < 1e-10, r

