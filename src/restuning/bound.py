@@ -102,7 +102,18 @@ class BoundPrefixTuning(nn.Module):
             config._attn_implementation = impl
 
 
-class BoundVPTDeep(nn.Module):
+class _HookedReference(nn.Module):
+    """A reference form that runs the backbone (held outside the module tree) with its own hooks."""
+
+    def forward(self, *args, **kwargs):
+        return self.model[0](*args, **kwargs)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class BoundVPTDeep(_HookedReference):
     """VPT-deep: per block, n prompt tokens (n, D) joined to the block input, dropped after it."""
 
     def __init__(self, model: nn.Module, blocks: list[str], tokens: int, width: int):
@@ -142,15 +153,9 @@ class BoundVPTDeep(nn.Module):
 
         return hook
 
-    def forward(self, *args, **kwargs):
-        return self.model[0](*args, **kwargs)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
-class BoundHoulsbyAdapter(nn.Module):
+class BoundHoulsbyAdapter(_HookedReference):
     """Serial adapter after each FFN: `h = FFN(x); h + up(act(down(h)))`."""
 
     def __init__(self, model: nn.Module, sites: list[OpSite], dim: int):
@@ -174,12 +179,6 @@ class BoundHoulsbyAdapter(nn.Module):
 
         return hook
 
-    def forward(self, *args, **kwargs):
-        return self.model[0](*args, **kwargs)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 @dataclass
