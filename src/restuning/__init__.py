@@ -1,5 +1,6 @@
 """restuning: unbound, composable, memory-efficient tuners for frozen foundation models (Res-Tuning)."""
 
+from .bypass import BypassConfig, FeatureCache, MultiTaskBypass, ResTuningBypassModel
 from .checkpoint import CheckpointError
 from .config import ConfigError, ResTuningConfig, TunerSpec
 from .model import ResTuningModel, get_restuning_model, plan_tuning
@@ -9,6 +10,7 @@ from .tuners import TUNERS, ResTuner, register_tuner
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "OpMatchError", "OpSite", "ResTuner", "ResTuningConfig", "ResTuningModel",
-    "TUNERS", "TunerSpec", "find_ops", "get_restuning_model", "plan_tuning", "register_tuner",
+    "BypassConfig", "CheckpointError", "ConfigError", "FeatureCache", "MultiTaskBypass", "OpMatchError", "OpSite",
+    "ResTuner", "ResTuningBypassModel", "ResTuningConfig", "ResTuningModel", "TUNERS", "TunerSpec", "find_ops",
+    "get_restuning_model", "plan_tuning", "register_tuner",
 ]

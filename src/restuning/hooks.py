@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .attention import additive_mask
 from .ops import OpSite
+from .spatial import on_channels
 from .tuners import AttentionTuner, ResTuner
 
 
@@ -70,16 +71,21 @@ class Attachment:
         self._slot.clear()
 
     # --- plain tuners: x' = OP(x) + tuner(x, OP(x)) -------------------------------------------
+    def _delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.site.layout == "map":
+            return on_channels(self.tuner, x, y)
+        return self.tuner(x, y)
+
     def _op_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = first_input(args, kwargs)
-        return add_to_output(output, self.tuner(x, output_tensor(output)))
+        return add_to_output(output, self._delta(x, output_tensor(output)))
 
     def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._slot["x"] = first_input(args, kwargs)
 
     def _exit_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         x = self._slot.pop("x")
-        return add_to_output(output, self.tuner(x, output_tensor(output)))
+        return add_to_output(output, self._delta(x, output_tensor(output)))
 
     # --- attention tuners: rewrite the per-head context before the output projection -----------
     def _attach_attention(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .bypass import BypassConfig, ResTuningBypassModel
 from .config import ConfigError, ResTuningConfig
 from .hooks import Attachment
 from .ops import OpSite, find_ops, name_matches
@@ -183,9 +184,13 @@ class ResTuningModel(nn.Module):
         return model
 
 
-def get_restuning_model(model: nn.Module, config: ResTuningConfig | None = None) -> ResTuningModel:
-    """Freeze `model` and attach the Res-Tuners `config` describes (default: Dual Res-Adapters)."""
+def get_restuning_model(model: nn.Module, config: ResTuningConfig | BypassConfig | None = None):
+    """Freeze `model` and attach what `config` describes: Res-Tuners in parallel to its ops
+    (`ResTuningConfig`, default: Dual Res-Adapters) -> `ResTuningModel`, or a detached bypass network
+    (`BypassConfig`) -> `ResTuningBypassModel`."""
     config = config if config is not None else ResTuningConfig()
+    if isinstance(config, BypassConfig):
+        return ResTuningBypassModel(model, config)
     if not isinstance(config, ResTuningConfig):
-        raise ConfigError(f"expected a ResTuningConfig, got {type(config).__name__}")
+        raise ConfigError(f"expected a ResTuningConfig or BypassConfig, got {type(config).__name__}")
     return ResTuningModel(model, config)

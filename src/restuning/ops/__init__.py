@@ -1,7 +1,10 @@
 """Locating the frozen ops (MHA, FFN, block) that tuners run in parallel to."""
 
-from .discovery import AttentionSite, OpMatchError, OpSite, describe, find_ops
-from .maps import FAMILIES, FamilyMap
+from .discovery import AttentionSite, BlockStack, OpMatchError, OpSite, block_stacks, describe, find_ops, widths
+from .maps import FAMILIES, FamilyMap, family_for_model
 from .matching import name_matches
 
-__all__ = ["AttentionSite", "FAMILIES", "FamilyMap", "OpMatchError", "OpSite", "describe", "find_ops", "name_matches"]
+__all__ = [
+    "AttentionSite", "BlockStack", "FAMILIES", "FamilyMap", "OpMatchError", "OpSite", "block_stacks", "describe",
+    "family_for_model", "find_ops", "name_matches", "widths",
+]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import OP_KINDS, ResTuningConfig
-from .maps import FAMILIES, FamilyMap, family_for_model_type
+from .maps import FAMILIES, FamilyMap, family_for_model
 from .matching import name_matches
 
 
@@ -41,6 +41,7 @@ class OpSite:
     out_features: int
     attention: AttentionSite | None = None
     block: str | None = None  # name of the enclosing block, where there is one
+    layout: str = "tokens"  # "map": the op reads and writes (B, C, H, W) feature maps
 
     @property
     def key(self) -> str:
@@ -61,7 +62,7 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
     or when a match is ambiguous.
     """
     specs = config.specs()
-    stacks = _block_stacks(model, config)
+    stacks = block_stacks(model, config.family)
     sites: list[OpSite] = []
     for kind, spec in specs.items():
         layers = spec.layers if spec.layers is not None else config.layers
@@ -70,7 +71,7 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
         else:
             found = [site for stack in stacks for site in stack.sites(kind)]
         if layers is not None:
-            depth = max((len(s.blocks) for s in stacks), default=0)
+            depth = max((s.offset + len(s.blocks) for s in stacks), default=0)
             bad = [i for i in layers if not 0 <= i < depth]
             if bad:
                 raise OpMatchError(f"{kind}.layers: {bad} out of range; the backbone has blocks 0..{depth - 1}")
@@ -82,15 +83,22 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
 
 
 @dataclass
-class _Stack:
-    """One ModuleList of blocks with the per-block map of its ops."""
+class BlockStack:
+    """One list of blocks with the per-block map of its ops. `offset` numbers the blocks of chained
+    lists (the stages of a CNN) globally."""
 
     model: nn.Module
     name: str
     blocks: list[nn.Module]
     family: FamilyMap
+    offset: int = 0
 
     def sites(self, kind: str) -> list[OpSite]:
+        if kind != "block" and getattr(self.family, kind) is None:
+            raise OpMatchError(
+                f"the {self.family.name} family has no {kind} op (a CNN has blocks only); use block=..., or name "
+                "modules with target_modules"
+            )
         return [self.site(kind, i) for i in range(len(self.blocks))]
 
     def site(self, kind: str, i: int) -> OpSite:
@@ -111,33 +119,45 @@ class _Stack:
                 norm=f"{prefix}.{fam.norm}" if fam.norm else None,
                 num_heads=_num_heads(self.model, f"{prefix}.{fam.query}"),
             )
-        return _make_site(self.model, kind, i, entry, exit_, attention, prefix)
+        return _make_site(self.model, kind, self.offset + i, entry, exit_, attention, prefix, fam.layout)
 
 
 def _make_site(
     model: nn.Module, kind: str, layer: int | None, entry: str, exit_: str, attention: AttentionSite | None,
-    block: str | None,
+    block: str | None, layout: str = "tokens",
 ) -> OpSite:
-    entry_mod, exit_mod = _get(model, entry), _get(model, exit_)
-    first = _linears(entry_mod)
-    last = _linears(exit_mod)
-    if not first or not last:
-        raise OpMatchError(f"{kind} op {entry!r} -> {exit_!r}: no linear layer inside to read its width from")
-    return OpSite(kind, layer, entry, exit_, first[0][1].in_features, last[-1][1].out_features, attention, block)
+    in_features, _ = widths(_get(model, entry), f"{kind} op {entry!r}")
+    _, out_features = widths(_get(model, exit_), f"{kind} op {exit_!r}")
+    return OpSite(kind, layer, entry, exit_, in_features, out_features, attention, block, layout)
 
 
-def _block_stacks(model: nn.Module, config: ResTuningConfig) -> list[_Stack]:
-    family = _choose_family(model, config.family)
-    if family is not None:
-        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
-                 and re.fullmatch(family.blocks, n)]
+def widths(module: nn.Module, where: str) -> tuple[int, int]:
+    """(input, output) width of a module: the first weight layer's input, the last one's output
+    (features of a Linear, channels of a Conv)."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not layers:
+        raise OpMatchError(f"{where}: no linear or convolution layer inside to read its width from")
+    first, last = layers[0], layers[-1]
+    return (getattr(first, "in_features", None) or first.in_channels,
+            getattr(last, "out_features", None) or last.out_channels)
+
+
+def block_stacks(model: nn.Module, family: str | None = None) -> list[BlockStack]:
+    """The lists of blocks of `model`: by its family map (or the forced `family`), else structurally."""
+    fam = _choose_family(model, family)
+    if fam is not None:
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
+                 and re.fullmatch(fam.blocks, n)]
         if lists:
-            stacks = [_Stack(model, n, list(m), family) for n, m in lists]
+            stacks, offset = [], 0
+            for n, m in lists:
+                stacks.append(BlockStack(model, n, list(m), fam, offset if fam.chained else 0))
+                offset += len(m)
             _check_family_names(model, stacks[0])
             return stacks
-        if config.family is not None:
+        if family is not None:
             raise OpMatchError(
-                f"family {family.name!r}: no ModuleList named like {family.blocks!r}; ModuleLists found: "
+                f"family {fam.name!r}: no ModuleList named like {fam.blocks!r}; ModuleLists found: "
                 f"{[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}"
             )
     return _structural_stacks(model)
@@ -150,13 +170,12 @@ def _choose_family(model: nn.Module, forced: str | None) -> FamilyMap | None:
         if forced not in FAMILIES:
             raise OpMatchError(f"family: unknown {forced!r}; expected one of {sorted(FAMILIES)} or 'structural'")
         return FAMILIES[forced]
-    cfg = getattr(model, "config", None)
-    return family_for_model_type(getattr(cfg, "model_type", None))
+    return family_for_model(model)
 
 
-def _check_family_names(model: nn.Module, stack: _Stack) -> None:
+def _check_family_names(model: nn.Module, stack: BlockStack) -> None:
     fam, prefix = stack.family, f"{stack.name}.0"
-    names = {*fam.mha, *fam.ffn, fam.query, fam.key, fam.value, fam.out} | ({fam.norm} if fam.norm else set())
+    names = {*(fam.mha or ()), *(fam.ffn or ()), fam.query, fam.key, fam.value, fam.out, fam.norm} - {None}
     present = {n for n, _ in stack.blocks[0].named_modules()}
     missing = sorted(n for n in names if n not in present)
     if missing:
@@ -167,7 +186,7 @@ def _check_family_names(model: nn.Module, stack: _Stack) -> None:
         )
 
 
-def _structural_stacks(model: nn.Module) -> list[_Stack]:
+def _structural_stacks(model: nn.Module) -> list[BlockStack]:
     """Blocks = ModuleLists of same-class children that each hold a q/k/v attention and an FFN."""
     candidates = []
     for name, mod in model.named_modules():
@@ -181,7 +200,7 @@ def _structural_stacks(model: nn.Module) -> list[_Stack]:
     stacks, problems = [], []
     for name, mod in candidates:
         try:
-            stacks.append(_Stack(model, name, list(mod), _structural_map(mod[0], f"{name}.0")))
+            stacks.append(BlockStack(model, name, list(mod), _structural_map(mod[0], f"{name}.0")))
         except OpMatchError as err:
             problems.append(str(err))
     if not stacks:
@@ -237,7 +256,9 @@ def _op_span(block: nn.Module, first: str, last: str) -> tuple[str, str]:
     return p1 or first, last
 
 
-def _override_sites(model: nn.Module, kind: str, target: str | list[str], stacks: list[_Stack]) -> list[OpSite]:
+def _override_sites(
+    model: nn.Module, kind: str, target: str | list[str], stacks: list[BlockStack]
+) -> list[OpSite]:
     names = [n for n, _ in model.named_modules() if n and name_matches(n, target)]
     if not names:
         sample = [n for n, _ in model.named_modules() if n][:40]
@@ -252,7 +273,8 @@ def _override_sites(model: nn.Module, kind: str, target: str | list[str], stacks
     for name in names:
         layer, block = _layer_of(name, stacks)
         attention = _attention_inside(model, name) if kind == "mha" else None
-        sites.append(_make_site(model, kind, layer, name, name, attention, block))
+        layout = stacks[0].family.layout if stacks else "tokens"
+        sites.append(_make_site(model, kind, layer, name, name, attention, block, layout))
     return sites
 
 
@@ -274,11 +296,11 @@ def _structural_map_attention(module: nn.Module) -> tuple[str, str, str, str]:
     return q, k, v, rest[0]
 
 
-def _layer_of(name: str, stacks: list[_Stack]) -> tuple[int | None, str | None]:
+def _layer_of(name: str, stacks: list[BlockStack]) -> tuple[int | None, str | None]:
     for stack in stacks:
         if name.startswith(stack.name + "."):
             index = int(name[len(stack.name) + 1:].split(".")[0])
-            return index, f"{stack.name}.{index}"
+            return stack.offset + index, f"{stack.name}.{index}"
     return None, None
 
 
@@ -320,4 +342,5 @@ def describe(sites: Iterable[OpSite]) -> str:
     return "\n".join(f"{s.kind:>6} layer {s.layer}: {s.entry} -> {s.exit}" for s in sites)
 
 
-__all__ = ["AttentionSite", "OpMatchError", "OpSite", "OP_KINDS", "describe", "find_ops"]
+__all__ = ["AttentionSite", "BlockStack", "OpMatchError", "OpSite", "OP_KINDS", "block_stacks", "describe",
+           "find_ops", "widths"]

@@ -1,6 +1,6 @@
 """Where the ops are, per backbone family: data, not code paths.
 
-Names are relative to one block. An op is a pair (entry, exit): the op's input `x` is the first
+Names are relative to one block (op names) or to the model (block, tap and norm patterns). An op is a pair (entry, exit): the op's input `x` is the first
 input of `entry` and `OP(x)` is the output of `exit`. They differ where a family splits one op over
 sibling modules, as BERT does (`attention.self` computes the heads, `attention.output.dense` projects
 them, then a residual LayerNorm follows that is not part of the op).
@@ -15,14 +15,20 @@ from dataclasses import dataclass
 class FamilyMap:
     name: str
     model_types: tuple[str, ...]
-    blocks: str  # re.fullmatch pattern for the names of the ModuleLists of blocks
-    mha: tuple[str, str]
-    ffn: tuple[str, str]
-    query: str
-    key: str
-    value: str
-    out: str
+    blocks: str  # re.fullmatch pattern for the names of the ModuleLists/Sequentials of blocks
+    mha: tuple[str, str] | None  # None for CNNs: only the block op exists
+    ffn: tuple[str, str] | None
+    query: str | None
+    key: str | None
+    value: str | None
+    out: str | None
     norm: str | None  # the pre-norm before MHA (prompt tokens pass through it); None if post-norm
+    class_names: tuple[str, ...] = ()  # for backbones without a `config.model_type`
+    layout: str = "tokens"  # "tokens": (B, T, D) features; "map": (B, C, H, W), channels first
+    chained: bool = False  # several block lists run one after another (CNN stages): number blocks globally
+    taps: str | None = None  # pattern of the containers whose children the bypass taps; None: the blocks
+    final_norm: str | None = None  # pattern of the backbone's final norm, applied to the last bypass state
+    norm_after_pool: bool = False  # the final norm works on the pooled vector (ConvNeXt)
 
 
 FAMILIES: dict[str, FamilyMap] = {
@@ -39,6 +45,7 @@ FAMILIES: dict[str, FamilyMap] = {
             value="attention.v_proj",
             out="attention.o_proj",
             norm="layernorm_before",
+            final_norm=r"(.*\.)?layernorm",
         ),
         FamilyMap(
             name="dinov2",
@@ -51,6 +58,7 @@ FAMILIES: dict[str, FamilyMap] = {
             value="attention.v_proj",
             out="attention.o_proj",
             norm="norm1",
+            final_norm=r"(.*\.)?layernorm",
         ),
         FamilyMap(
             name="bert",
@@ -75,13 +83,46 @@ FAMILIES: dict[str, FamilyMap] = {
             value="self_attn.v_proj",
             out="self_attn.out_proj",
             norm="layer_norm1",
+            final_norm=r"(.*\.)?(final_layer_norm|post_layernorm)",
+        ),
+        FamilyMap(
+            name="convnext",
+            model_types=("convnext", "convnextv2"),
+            blocks=r"(.*\.)?encoder\.stages\.\d+\.layers",
+            mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None,
+            layout="map",
+            chained=True,
+            taps=r"(.*\.)?encoder\.stages",
+            final_norm=r"(.*\.)?layernorm",
+            norm_after_pool=True,
+        ),
+        FamilyMap(
+            name="resnet",
+            model_types=("resnet",),
+            blocks=r"(.*\.)?encoder\.stages\.\d+\.layers",
+            mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None,
+            layout="map",
+            chained=True,
+            taps=r"(.*\.)?encoder\.stages",
+        ),
+        FamilyMap(
+            # EfficientNet-Lite0 of the `efficientnet-lite-pytorch` package (no `config`): 16 MBConv blocks.
+            name="efficientnet",
+            model_types=(),
+            class_names=("EfficientNet",),
+            blocks=r"_blocks",
+            mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None,
+            layout="map",
+            chained=True,
         ),
     )
 }
 
 
-def family_for_model_type(model_type: str | None) -> FamilyMap | None:
+def family_for_model(model) -> FamilyMap | None:
+    """The family map for `model`, by `config.model_type`, else by class name; None if unknown."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     for family in FAMILIES.values():
-        if model_type in family.model_types:
+        if model_type in family.model_types or type(model).__name__ in family.class_names:
             return family
     return None

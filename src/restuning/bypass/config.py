@@ -1,0 +1,84 @@
+"""`BypassConfig`: the Res-Tuning-Bypass network of paper eq. 8, as plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError, TunerSpec, _check_layers
+
+POOLINGS = ("auto", "cls", "mean", "avg")
+VARIANTS = ("none", "horizontal", "vertical", "both")
+
+
+@dataclass
+class BypassConfig:
+    """Res-Tuning-Bypass: `b_l = lam_l * H_l(x_l) + (1 - lam_l) * V_l(b_{l-1})`, `lam_l = sigmoid(theta_l)`.
+
+    The backbone runs once without autograd; `x_l` are its tapped layer outputs and `b_0` is the input
+    of its first layer. `H_l` and `V_l` are `identity + Res-Tuner`, zero at initialisation.
+
+    Args:
+        horizontal / vertical: the Res-Tuner of `H_l` / `V_l` (a name, a `TunerSpec`, or `None` for the
+            identity). Any registered tuner works. Table 3(b)'s variants: `BypassConfig.variant(...)`.
+        dim: default tuner size (paper: 10).
+        layers: indices of the tapped layers that feed the bypass (`None`: every layer).
+        num_classes: adds a linear head; the model then returns logits (batch, num_classes). `None`:
+            the model returns the pooled final bypass state (batch, width).
+        pooling: `cls` (first token), `mean` (over the attention mask), `avg` (spatial mean of a
+            feature map), or `auto`: `avg` for CNNs, `mean` for text encoders, `cls` otherwise.
+        final_norm: apply the backbone's own (frozen) final norm to the last bypass state.
+        gate_init: initial `theta_l` (paper: 0, so `lam_l = 0.5`).
+        taps: override the tapped modules by name (PEFT matching rules), in forward order.
+        family: force an op map (as in `ResTuningConfig.family`).
+    """
+
+    horizontal: TunerSpec | str | None = "res_adapter"
+    vertical: TunerSpec | str | None = "res_adapter"
+    dim: int = 10
+    layers: list[int] | None = None
+    num_classes: int | None = None
+    pooling: str = "auto"
+    final_norm: bool = True
+    gate_init: float = 0.0
+    taps: str | list[str] | None = None
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        self.horizontal = TunerSpec.coerce(self.horizontal, "horizontal")
+        self.vertical = TunerSpec.coerce(self.vertical, "vertical")
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
+            raise ConfigError(f"dim: expected a positive integer, got {self.dim!r}")
+        _check_layers(self.layers, "layers")
+        if self.num_classes is not None and (
+            not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1
+        ):
+            raise ConfigError(f"num_classes: expected a positive integer or null, got {self.num_classes!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling: expected one of {POOLINGS}, got {self.pooling!r}")
+        if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool):
+            raise ConfigError(f"gate_init: expected a number, got {self.gate_init!r}")
+        if self.taps is not None and not isinstance(self.taps, (str, list)):
+            raise ConfigError(f"taps: expected a regex string or a list of module names, got {self.taps!r}")
+
+    @classmethod
+    def variant(cls, name: str, tuner: str = "res_adapter", **kwargs: Any) -> BypassConfig:
+        """Paper Table 3(b): `none` (a gated ensemble of layer features), `horizontal`, `vertical`, `both`."""
+        if name not in VARIANTS:
+            raise ConfigError(f"bypass variant: expected one of {VARIANTS}, got {name!r}")
+        use_h, use_v = name in ("horizontal", "both"), name in ("vertical", "both")
+        return cls(horizontal=tuner if use_h else None, vertical=tuner if use_v else None, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BypassConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a mapping for BypassConfig, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown BypassConfig key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**data)

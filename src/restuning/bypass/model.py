@@ -1,0 +1,154 @@
+"""`ResTuningBypassModel`: a frozen backbone run without autograd, feature taps, one bypass task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from ..config import ConfigError
+from .config import BypassConfig
+from .network import BypassTask
+from .taps import FeatureTaps, TapPlan, plan_taps
+
+METHOD = "restuning_bypass"
+
+
+class FrozenBackbone(nn.Module):
+    """A backbone that only ever runs in eval mode without autograd, and the taps that read it.
+
+    Subclasses own the tasks. Calls go to the backbone with the backbone's own arguments.
+    """
+
+    def __init__(self, model: nn.Module, plan: TapPlan, needed: int):
+        super().__init__()
+        self.base_model = model.eval()
+        self.plan = plan
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.taps = FeatureTaps(model, plan.points[:needed]).attach()
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return self.base_model.get_submodule(self.plan.final_norm) if self.plan.final_norm else None
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        super().train(mode)
+        self.base_model.eval()  # frozen features: no dropout, no batch-norm statistics updates
+        return self
+
+    def features(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        """One backbone forward without autograd: [x_0, x_1, ...] as tapped (channels-first for CNNs)."""
+        return self.taps(lambda: self.base_model(*args, **kwargs))
+
+    def _retap(self, needed: int) -> None:
+        if len(self.taps.points) != needed:
+            self.taps.detach()
+            self.taps = FeatureTaps(self.base_model, self.plan.points[:needed]).attach()
+
+    def unload(self) -> nn.Module:
+        """Remove the taps and restore requires_grad; return the pristine backbone."""
+        self.taps.detach()
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+        return self.base_model
+
+
+def _needed(task: BypassTask) -> int:
+    return max(task.layers) + 1
+
+
+class ResTuningBypassModel(FrozenBackbone):
+    """Res-Tuning-Bypass on one task. `model(**inputs)` returns logits (B, num_classes), or the pooled
+    final bypass state (B, width) when the config has no `num_classes`."""
+
+    def __init__(self, model: nn.Module, config: BypassConfig, task: BypassTask | None = None):
+        plan = task.plan if task is not None else plan_taps(model, config)
+        task = task if task is not None else _build_task(model, plan, config)
+        super().__init__(model, plan, _needed(task))
+        self.bypass_config = config
+        self.task = task
+
+    @property
+    def bypass(self) -> nn.Module:
+        return self.task.bypass
+
+    @property
+    def head(self) -> nn.Module:
+        return self.task.head
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.forward_features(self.features(*args, **kwargs), kwargs.get("attention_mask"))
+
+    def forward_features(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the task on features already tapped (e.g. from a `FeatureCache`)."""
+        return self.task(features, attention_mask, self.final_norm)
+
+    # --- parameters ----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; `all` counts the backbone and the task."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the task's weights (safetensors) and config (JSON), each atomically."""
+        save_task(self.task, self.base_model, Path(save_directory))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | Path, is_trainable: bool = False
+    ) -> ResTuningBypassModel:
+        """Build the saved task on `model`. Everything is checked before the backbone is touched."""
+        task = load_task(model, Path(directory))
+        tuned = cls(model, task.config, task)
+        if not is_trainable:
+            tuned.eval()
+            for p in tuned.task.parameters():
+                p.requires_grad_(False)
+        return tuned
+
+
+def _build_task(model: nn.Module, plan: TapPlan, config: BypassConfig) -> BypassTask:
+    ref = next(model.parameters())
+    return BypassTask(plan, config).to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+
+
+def save_task(task: BypassTask, backbone: nn.Module, directory: Path) -> None:
+    meta = {"method": METHOD, "config": task.config.to_dict(), "backbone": checkpoint.backbone_signature(backbone),
+            "taps": {"points": list(task.plan.points), "widths": list(task.plan.widths)}}
+    checkpoint.save(directory, task.state_dict(), meta)
+
+
+def load_task(model: nn.Module, directory: Path) -> BypassTask:
+    """Read and check a saved bypass task for `model`; nothing is attached to `model`."""
+    meta, tensors = checkpoint.load(directory)
+    if meta.get("method") != METHOD:
+        raise checkpoint.CheckpointError(f"{directory}: holds a {meta.get('method')!r} checkpoint, not {METHOD}")
+    checkpoint.check_backbone(meta, model, directory)
+    config = BypassConfig.from_dict(meta["config"])
+    plan = plan_taps(model, config)
+    saved = meta.get("taps", {})
+    if saved.get("points") != list(plan.points) or saved.get("widths") != list(plan.widths):
+        raise checkpoint.CheckpointError(
+            f"{directory}: the checkpoint taps {saved.get('points')} (widths {saved.get('widths')}), this backbone "
+            f"{list(plan.points)} (widths {list(plan.widths)})"
+        )
+    task = _build_task(model, plan, config)
+    checkpoint.check_tensors(tensors, task.state_dict(), directory)
+    task.load_state_dict({k: v.to(task.state_dict()[k].dtype) for k, v in tensors.items()})
+    return task
+
+
+def get_bypass_model(model: nn.Module, config: BypassConfig) -> ResTuningBypassModel:
+    if not isinstance(config, BypassConfig):
+        raise ConfigError(f"expected a BypassConfig, got {type(config).__name__}")
+    return ResTuningBypassModel(model, config)

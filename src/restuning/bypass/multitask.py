@@ -1,0 +1,106 @@
+"""`MultiTaskBypass`: N bypass tasks served by one backbone forward per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .config import BypassConfig
+from .model import FrozenBackbone, ResTuningBypassModel, _build_task, _needed, load_task, save_task
+from .network import BypassTask
+from .taps import plan_taps
+
+TaskSource = ResTuningBypassModel | BypassTask | BypassConfig | str | Path
+
+
+class MultiTaskBypass(FrozenBackbone):
+    """A frozen backbone and several bypass tasks that read the same tapped features.
+
+    `model(**inputs)` returns `{task: output}` for every task and every sample; with
+    `task_ids=[...]` (one task name or index per sample) it returns a list with each sample's answer
+    from its own task. Adding or removing a task changes only the taps and the task table, never the
+    backbone's weights.
+    """
+
+    def __init__(self, model: nn.Module, tasks: Mapping[str, TaskSource] | None = None):
+        plan = plan_taps(model, BypassConfig())
+        super().__init__(model, plan, needed=1)
+        self.tasks = nn.ModuleDict()
+        for name, source in (tasks or {}).items():
+            self.add_task(name, source)
+
+    # --- the task table ----------------------------------------------------------------------
+    def add_task(self, name: str, source: TaskSource) -> BypassTask:
+        """Add a task from a single-task model, a task, a fresh config, or a checkpoint folder."""
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} already exists; tasks: {list(self.tasks)}")
+        if isinstance(source, ResTuningBypassModel):
+            task = source.task
+        elif isinstance(source, BypassTask):
+            task = source
+        elif isinstance(source, BypassConfig):
+            task = _build_task(self.base_model, plan_taps(self.base_model, source), source)
+        elif isinstance(source, (str, Path)):
+            task = load_task(self.base_model, Path(source))
+        else:
+            raise ConfigError(f"task {name!r}: expected a bypass model, task, BypassConfig or checkpoint folder, "
+                              f"got {type(source).__name__}")
+        if task.plan.points != self.plan.points:
+            raise ConfigError(f"task {name!r} taps {list(task.plan.points)}, this backbone {list(self.plan.points)}")
+        self.tasks[name] = task
+        self._retap(max(_needed(t) for t in self.tasks.values()))
+        return task
+
+    def remove_task(self, name: str) -> BypassTask:
+        task = self.tasks.pop(name)
+        if self.tasks:
+            self._retap(max(_needed(t) for t in self.tasks.values()))
+        return task
+
+    def save_task(self, name: str, directory: str | Path) -> None:
+        """Save one task as a checkpoint that `ResTuningBypassModel.from_pretrained` also reads."""
+        save_task(self.tasks[name], self.base_model, Path(directory))
+
+    # --- inference -----------------------------------------------------------------------------
+    def forward(
+        self, *args: Any, task_ids: Sequence[str | int] | torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, torch.Tensor] | list[torch.Tensor]:
+        if not self.tasks:
+            raise RuntimeError("MultiTaskBypass has no tasks; add one with add_task")
+        features = self.features(*args, **kwargs)
+        mask = kwargs.get("attention_mask")
+        norm = self.final_norm
+        if task_ids is None:
+            return {name: task(features, mask, norm) for name, task in self.tasks.items()}
+        names = self._task_names(task_ids, features[0].shape[0])
+        answers: list[torch.Tensor | None] = [None] * len(names)
+        for name, task in self.tasks.items():
+            rows = [i for i, n in enumerate(names) if n == name]
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=features[0].device)
+            out = task([f.index_select(0, index) for f in features],
+                       None if mask is None else mask.index_select(0, index), norm)
+            for row, value in zip(rows, out, strict=True):
+                answers[row] = value
+        return answers
+
+    def _task_names(self, task_ids: Sequence[str | int] | torch.Tensor, batch: int) -> list[str]:
+        ids = task_ids.tolist() if isinstance(task_ids, torch.Tensor) else list(task_ids)
+        if len(ids) != batch:
+            raise ValueError(f"task_ids: expected one task per sample ({batch}), got {len(ids)}")
+        order = list(self.tasks)
+        names = []
+        for t in ids:
+            if isinstance(t, int) and 0 <= t < len(order):
+                names.append(order[t])
+            elif isinstance(t, str) and t in self.tasks:
+                names.append(t)
+            else:
+                raise ValueError(f"task_ids: unknown task {t!r}; tasks are {order} (names or indices 0..{len(order) - 1})")
+        return names

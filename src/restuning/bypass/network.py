@@ -1,0 +1,131 @@
+"""The bypass network of paper eq. 8 and the task that reads it out.
+
+    b_0 = x_0,   b_l = lam_l * H_l(x_l) + (1 - lam_l) * V_l(b_{l-1}),   lam_l = sigmoid(theta_l)
+
+`H_l` and `V_l` are `identity + Res-Tuner`; with zero-initialised tuners and `theta_l = 0` the bypass
+is a fixed ensemble of the layer features (paper Table 3b, "none"). Between CNN stages of other
+sizes, `V_l` first resamples `b_{l-1}` to `x_l`'s resolution and projects its channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TunerSpec
+from ..spatial import resample
+from ..tuners import OpContext, ResTuner, build_tuner
+from .config import BypassConfig
+from .taps import TapPlan
+
+
+class Residual(nn.Module):
+    """`x + tuner(x, x)`: a Res-Tuner in parallel to the identity op; the identity when `tuner` is None."""
+
+    def __init__(self, tuner: ResTuner | None):
+        super().__init__()
+        self.tuner = tuner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tuner is None else x + self.tuner(x, x)
+
+
+class VerticalStep(nn.Module):
+    """`V_l`: carry `b_{l-1}` to layer l (resample positions, project width), then `identity + tuner`."""
+
+    def __init__(self, in_width: int, out_width: int, tuner: ResTuner | None, layout: str):
+        super().__init__()
+        self.layout = layout
+        self.project = nn.Linear(in_width, out_width) if in_width != out_width else None
+        self.residual = Residual(tuner)
+
+    def forward(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """b: (B, T, D) or channels-last (B, H, W, C); like: x_l, whose positions b is carried to."""
+        if b.shape[1:-1] != like.shape[1:-1]:
+            if self.layout != "map":
+                raise ValueError(f"bypass: token counts differ between layers ({b.shape} -> {like.shape})")
+            b = resample(b.movedim(-1, 1), tuple(like.shape[1:3])).movedim(1, -1)
+        if self.project is not None:
+            b = self.project(b)
+        return self.residual(b)
+
+
+class BypassNetwork(nn.Module):
+    """Gated horizontal/vertical Res-Tuners over `L` tapped layers of widths `widths[1:]`."""
+
+    def __init__(self, widths: list[int], config: BypassConfig, layout: str):
+        super().__init__()
+        depth = len(widths) - 1
+        self.theta = nn.Parameter(torch.full((depth,), float(config.gate_init)))
+        self.horizontal = nn.ModuleList(
+            Residual(_tuner(config.horizontal, w, w, config.dim, f"bypass horizontal {i}"))
+            for i, w in enumerate(widths[1:])
+        )
+        self.vertical = nn.ModuleList(
+            VerticalStep(w_in, w_out, _tuner(config.vertical, w_out, w_out, config.dim, f"bypass vertical {i}"), layout)
+            for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True))
+        )
+
+    @property
+    def gates(self) -> torch.Tensor:
+        """lam_l = sigmoid(theta_l), (L,)."""
+        return torch.sigmoid(self.theta)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l). Returns b_L."""
+        b = features[0]
+        for lam, h, v, x in zip(self.gates.to(b.dtype), self.horizontal, self.vertical, features[1:], strict=True):
+            b = lam * h(x) + (1 - lam) * v(b, like=x)
+        return b
+
+
+def _tuner(spec: TunerSpec | None, width_in: int, width_out: int, dim: int, where: str) -> ResTuner | None:
+    return None if spec is None else build_tuner(spec, OpContext(width_in, width_out), dim, where)
+
+
+class BypassTask(nn.Module):
+    """One task: a bypass network over the chosen tapped layers, pooling, and a head.
+
+    It reads tapped features and knows nothing else of the backbone, so several tasks can share one
+    backbone forward. The backbone's frozen final norm is passed in by the owner of the backbone.
+    """
+
+    def __init__(self, plan: TapPlan, config: BypassConfig):
+        super().__init__()
+        self.plan, self.config = plan, config
+        self.layers = list(config.layers) if config.layers is not None else list(range(plan.depth))
+        chosen = [plan.widths[0], *(plan.widths[i + 1] for i in self.layers)]
+        self.bypass = BypassNetwork(chosen, config, plan.layout)
+        self.head = nn.Linear(chosen[-1], config.num_classes) if config.num_classes else nn.Identity()
+
+    def forward(
+        self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
+        final_norm: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """features: [x_0, x_1, ..., x_depth] as tapped; attention_mask: (B, T) for mean pooling.
+        Returns logits (B, num_classes), or the pooled final state (B, width) without a head."""
+        dtype = self.bypass.theta.dtype
+        chosen = [features[0], *(features[i + 1] for i in self.layers)]
+        if self.plan.layout == "map":
+            chosen = [f.movedim(1, -1) for f in chosen]
+        b = self.bypass([f.to(dtype) for f in chosen])
+        if final_norm is not None and not self.plan.norm_after_pool:
+            b = final_norm(b)
+        pooled = pool(b, self.plan.pooling, attention_mask)
+        if final_norm is not None and self.plan.norm_after_pool:
+            pooled = final_norm(pooled)
+        return self.head(pooled)
+
+
+def pool(b: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, D) or channels-last (B, H, W, C) -> (B, D)."""
+    if how == "cls":
+        return b[:, 0]
+    if how == "avg":
+        return b.flatten(1, -2).mean(1)
+    if how == "mean":
+        if attention_mask is None:
+            return b.mean(1)
+        weights = attention_mask.to(b.dtype).unsqueeze(-1)
+        return (b * weights).sum(1) / weights.sum(1).clamp_min(1)
+    raise ValueError(f"pooling: expected cls, mean or avg, got {how!r}")

@@ -1,0 +1,145 @@
+"""Feature taps: where the bypass reads the backbone, and the hooks that read it during one call."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..config import ConfigError
+from ..hooks import first_input, output_tensor
+from ..ops import FAMILIES, OpMatchError, block_stacks, family_for_model, name_matches, widths
+from .config import BypassConfig
+
+
+@dataclass(frozen=True)
+class TapPlan:
+    """Where a bypass reads a backbone. `x_0` is the input of `points[0]`; `x_l` the output of `points[l-1]`."""
+
+    points: tuple[str, ...]
+    widths: tuple[int, ...]  # width (hidden size or channels) of x_0, x_1, ..., x_L
+    layout: str  # "tokens": (B, T, D); "map": (B, C, H, W)
+    pooling: str
+    final_norm: str | None
+    norm_after_pool: bool = False
+
+    @property
+    def depth(self) -> int:
+        return len(self.points)
+
+
+def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
+    """Find the tapped layers of `model` (its blocks, or a CNN's stages) without touching it."""
+    if config.taps is not None:
+        points = [n for n, _ in model.named_modules() if n and name_matches(n, config.taps)]
+        if not points:
+            sample = [n for n, _ in model.named_modules() if n][:40]
+            raise OpMatchError(f"taps={config.taps!r} matched no module; module names include {sample}")
+        family = FAMILIES.get(config.family) if config.family else family_for_model(model)
+    else:
+        stacks = block_stacks(model, config.family)
+        family, points = stacks[0].family, _default_points(model, stacks)
+    layout = family.layout if family is not None else "tokens"
+    first = widths(model.get_submodule(points[0]), f"tap {points[0]!r}")[0]
+    outs = tuple(widths(model.get_submodule(p), f"tap {p!r}")[1] for p in points)
+    if config.layers is not None:
+        bad = [i for i in config.layers if not 0 <= i < len(points)]
+        if bad:
+            raise ConfigError(f"layers: {bad} out of range; the backbone has tapped layers 0..{len(points) - 1}")
+    norm = None
+    if config.final_norm and family is not None and family.final_norm is not None:
+        # The final norm comes after the last tapped layer (blocks may hold norms of the same name).
+        names = [n for n, _ in model.named_modules()]
+        after = names[names.index(points[-1]) + 1:]
+        hits = [n for n in after if re.fullmatch(family.final_norm, n) and not n.startswith(points[-1] + ".")]
+        norm = hits[0] if hits else None
+    return TapPlan(tuple(points), (first, *outs), layout, _pooling(model, config.pooling, layout), norm,
+                   bool(family and family.norm_after_pool))
+
+
+def _default_points(model: nn.Module, stacks) -> list[str]:
+    family = stacks[0].family
+    if family.taps is None:
+        if len(stacks) > 1 and not family.chained:
+            raise OpMatchError(
+                f"the bypass needs one chain of layers, but this model has {len(stacks)} block lists "
+                f"{[s.name for s in stacks]} (e.g. two towers); pass the tower, or name the taps with taps=[...]"
+            )
+        return [f"{s.name}.{i}" for s in stacks for i in range(len(s.blocks))]
+    containers = [n for n, m in model.named_modules() if re.fullmatch(family.taps, n)]
+    return [f"{c}.{i}" for c in containers for i in range(len(model.get_submodule(c)))]
+
+
+def _pooling(model: nn.Module, pooling: str, layout: str) -> str:
+    if pooling != "auto":
+        return pooling
+    if layout == "map":
+        return "avg"
+    params = [p for p in inspect.signature(model.forward).parameters if p != "self"]
+    return "mean" if params and params[0] == "input_ids" else "cls"
+
+
+class _Done(Exception):
+    """Raised by the last tap: the rest of the backbone is not needed."""
+
+
+class FeatureTaps:
+    """Forward hooks (handles kept) that record `x_0` and the tapped layer outputs during one call.
+
+    Features live in the dictionary of the call that asked for them, never on a module. The backbone
+    stops after the last tap it needs.
+    """
+
+    def __init__(self, model: nn.Module, points: tuple[str, ...]):
+        self.model, self.points = model, tuple(points)
+        self.handles: list[RemovableHandle] = []
+        self._record: dict[str, torch.Tensor] | None = None
+
+    def attach(self) -> FeatureTaps:
+        get = self.model.get_submodule
+        self.handles.append(get(self.points[0]).register_forward_pre_hook(self._input_hook, with_kwargs=True))
+        for i, name in enumerate(self.points):
+            self.handles.append(get(name).register_forward_hook(self._output_hook(name, last=i == len(self.points) - 1)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._record is not None:
+            self._record.setdefault("", first_input(args, kwargs))
+
+    def _output_hook(self, name: str, last: bool):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._record is None:
+                return
+            self._record[name] = output_tensor(output)
+            if last:
+                raise _Done
+
+        return hook
+
+    def __call__(self, run: Callable[[], Any]) -> list[torch.Tensor]:
+        """Run `run()` (a backbone call) without autograd; return [x_0, x_1, ..., x_L]."""
+        if not self.handles:
+            raise RuntimeError("FeatureTaps are not attached")
+        self._record = {}
+        try:
+            with torch.no_grad():
+                run()
+        except _Done:
+            pass
+        finally:
+            record, self._record = self._record, None
+        missing = [n for n in ("", *self.points) if n not in record]
+        if missing:
+            raise RuntimeError(f"the backbone call did not run the tapped modules {missing}")
+        return [record[""], *(record[n] for n in self.points)]
