@@ -17,7 +17,9 @@ def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def on_channels(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def on_channels(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Run a channels-last tuner `fn(x, y)` on (B, C, H, W) maps; `x` is first resampled to `y`'s size
     (a strided block shrinks its input). Returns a (B, C_y, H_y, W_y) delta."""
     x = resample(x, tuple(y.shape[-2:]))

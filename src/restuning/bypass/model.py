@@ -84,7 +84,9 @@ class ResTuningBypassModel(FrozenBackbone):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.forward_features(self.features(*args, **kwargs), kwargs.get("attention_mask"))
 
-    def forward_features(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(
+        self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run the task on features already tapped (e.g. from a `FeatureCache`)."""
         return self.task(features, attention_mask, self.final_norm)
 
@@ -96,7 +98,8 @@ class ResTuningBypassModel(FrozenBackbone):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path) -> None:

@@ -102,5 +102,7 @@ class MultiTaskBypass(FrozenBackbone):
             elif isinstance(t, str) and t in self.tasks:
                 names.append(t)
             else:
-                raise ValueError(f"task_ids: unknown task {t!r}; tasks are {order} (names or indices 0..{len(order) - 1})")
+                raise ValueError(
+                    f"task_ids: unknown task {t!r}; tasks are {order} (names or indices 0..{len(order) - 1})"
+                )
         return names

@@ -104,8 +104,9 @@ class FeatureTaps:
     def attach(self) -> FeatureTaps:
         get = self.model.get_submodule
         self.handles.append(get(self.points[0]).register_forward_pre_hook(self._input_hook, with_kwargs=True))
-        for i, name in enumerate(self.points):
-            self.handles.append(get(name).register_forward_hook(self._output_hook(name, last=i == len(self.points) - 1)))
+        for name in self.points:
+            hook = self._output_hook(name, last=name == self.points[-1])
+            self.handles.append(get(name).register_forward_hook(hook))
         return self
 
     def detach(self) -> None:

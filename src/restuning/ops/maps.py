@@ -1,8 +1,8 @@
 """Where the ops are, per backbone family: data, not code paths.
 
-Names are relative to one block (op names) or to the model (block, tap and norm patterns). An op is a pair (entry, exit): the op's input `x` is the first
-input of `entry` and `OP(x)` is the output of `exit`. They differ where a family splits one op over
-sibling modules, as BERT does (`attention.self` computes the heads, `attention.output.dense` projects
+Names are relative to one block (op names) or to the model (block, tap and norm patterns). An op is
+a pair (entry, exit): the op's input `x` is the first input of `entry` and `OP(x)` is the output of
+`exit`. They differ where a family splits one op over sibling modules, as BERT does (`attention.self` computes the heads, `attention.output.dense` projects
 them, then a residual LayerNorm follows that is not part of the op).
 """
 
