@@ -2,8 +2,9 @@
 
 Names are relative to one block (op names) or to the model (block, tap and norm patterns). An op is
 a pair (entry, exit): the op's input `x` is the first input of `entry` and `OP(x)` is the output of
-`exit`. They differ where a family splits one op over sibling modules, as BERT does (`attention.self` computes the heads, `attention.output.dense` projects
-them, then a residual LayerNorm follows that is not part of the op).
+`exit`. They differ where a family splits one op over sibling modules, as BERT does (`attention.self`
+computes the heads, `attention.output.dense` projects them, then a residual LayerNorm follows that is
+not part of the op).
 """
 
 from __future__ import annotations
