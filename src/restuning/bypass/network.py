@@ -97,6 +97,10 @@ class BypassTask(nn.Module):
         chosen = [plan.widths[0], *(plan.widths[i + 1] for i in self.layers)]
         self.bypass = BypassNetwork(chosen, config, plan.layout)
         self.head = nn.Linear(chosen[-1], config.num_classes) if config.num_classes else nn.Identity()
+        # The backbone's final norm fits the bypass state if it ends at the last layer, or all widths agree.
+        self.uses_final_norm = plan.final_norm is not None and (
+            self.layers[-1] == plan.depth - 1 or len(set(plan.widths)) == 1
+        )
 
     def forward(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
@@ -109,6 +113,7 @@ class BypassTask(nn.Module):
         if self.plan.layout == "map":
             chosen = [f.movedim(1, -1) for f in chosen]
         b = self.bypass([f.to(dtype) for f in chosen])
+        final_norm = final_norm if self.uses_final_norm else None
         if final_norm is not None and not self.plan.norm_after_pool:
             b = final_norm(b)
         pooled = pool(b, self.plan.pooling, attention_mask)
