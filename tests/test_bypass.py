@@ -246,3 +246,25 @@ def test_unload_gives_the_pristine_backbone():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
     assert all(p.requires_grad for p in base.parameters())
     torch.testing.assert_close(base(**case.inputs()).last_hidden_state, reference, atol=0, rtol=0)
+
+
+def test_recompute_gives_the_same_gradients_and_keeps_less():
+    case = CASES["vit"]
+    grads, saved = {}, {}
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        model = _bypass("vit", BypassConfig(num_classes=3, recompute=recompute))
+        with torch.no_grad():  # open the zero-initialised branches so every gradient is non-trivial
+            for p in model.task.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        with SavedTensorMeter(model.parameters()) as meter:
+            loss = torch.nn.functional.cross_entropy(model(**case.inputs()), torch.tensor([0, 2]))
+        loss.backward()
+        saved[recompute] = meter.bytes
+        grads[recompute] = {n: p.grad.clone() for n, p in model.task.named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5)
+    assert saved[True] < saved[False], saved

@@ -93,7 +93,8 @@ def test_a_task_saved_from_the_multi_task_model_loads_on_its_own(tmp_path):
 
 
 def test_a_task_for_another_backbone_is_refused(tmp_path):
-    restuning.get_restuning_model(ALL_CASES["vit"].model(depth=3), BypassConfig(num_classes=2)).save_pretrained(tmp_path)
+    other = restuning.get_restuning_model(ALL_CASES["vit"].model(depth=3), BypassConfig(num_classes=2))
+    other.save_pretrained(tmp_path)
     multi = MultiTaskBypass(ALL_CASES["vit"].model())
     with pytest.raises(restuning.CheckpointError):
         multi.add_task("other", tmp_path)

@@ -30,6 +30,9 @@ class BypassConfig:
             feature map), or `auto`: `avg` for CNNs, `mean` for text encoders, `cls` otherwise.
         final_norm: apply the backbone's own (frozen) final norm to the last bypass state.
         gate_init: initial `theta_l` (paper: 0, so `lam_l = 0.5`).
+        recompute: keep only `b_{l-1}` of each bypass step for backward and recompute the step there
+            (the bypass is tiny next to the backbone, so this costs little time and saves most of what
+            autograd would hold). Results are the same either way.
         taps: override the tapped modules by name (PEFT matching rules), in forward order.
         family: force an op map (as in `ResTuningConfig.family`).
     """
@@ -42,6 +45,7 @@ class BypassConfig:
     pooling: str = "auto"
     final_norm: bool = True
     gate_init: float = 0.0
+    recompute: bool = True
     taps: str | list[str] | None = None
     family: str | None = None
 
@@ -59,6 +63,8 @@ class BypassConfig:
             raise ConfigError(f"pooling: expected one of {POOLINGS}, got {self.pooling!r}")
         if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool):
             raise ConfigError(f"gate_init: expected a number, got {self.gate_init!r}")
+        if not isinstance(self.recompute, bool):
+            raise ConfigError(f"recompute: expected true or false, got {self.recompute!r}")
         if self.taps is not None and not isinstance(self.taps, (str, list)):
             raise ConfigError(f"taps: expected a regex string or a list of module names, got {self.taps!r}")
 

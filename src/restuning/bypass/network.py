@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import TunerSpec
 from ..spatial import resample
@@ -56,6 +57,7 @@ class BypassNetwork(nn.Module):
     def __init__(self, widths: list[int], config: BypassConfig, layout: str):
         super().__init__()
         depth = len(widths) - 1
+        self.recompute = config.recompute
         self.theta = nn.Parameter(torch.full((depth,), float(config.gate_init)))
         self.horizontal = nn.ModuleList(
             Residual(_tuner(config.horizontal, w, w, config.dim, f"bypass horizontal {i}"))
@@ -74,9 +76,19 @@ class BypassNetwork(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l). Returns b_L."""
         b = features[0]
-        for lam, h, v, x in zip(self.gates.to(b.dtype), self.horizontal, self.vertical, features[1:], strict=True):
-            b = lam * h(x) + (1 - lam) * v(b, like=x)
+        recompute = self.recompute and torch.is_grad_enabled() and self.theta.requires_grad
+        for i, x in enumerate(features[1:]):
+            if recompute:
+                # Reentrant: the step's inputs go through ctx.save_for_backward, so what is kept stays
+                # visible to saved_tensors_hooks (and to SavedTensorMeter); theta makes the step need grad.
+                b = checkpoint(self._step, i, self.theta, b, x, use_reentrant=True)
+            else:
+                b = self._step(i, self.theta, b, x)
         return b
+
+    def _step(self, i: int, theta: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        lam = torch.sigmoid(theta[i]).to(b.dtype)
+        return lam * self.horizontal[i](x) + (1 - lam) * self.vertical[i](b, like=x)
 
 
 def _tuner(spec: TunerSpec | None, width_in: int, width_out: int, dim: int, where: str) -> ResTuner | None:

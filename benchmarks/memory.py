@@ -1,0 +1,167 @@
+"""Training memory of one step, per method: full fine-tuning, linear probing, Res-Tuning (Dual
+Res-Adapters), Res-Tuning-Bypass (as configured by default, recomputing each bypass step in backward,
+and without that) and PEFT's LoRA (rank 8 on query/value), on a ViT-B/16 (random weights; memory does
+not depend on them), 224 px, batch 32, AdamW, 100 classes.
+
+Each method runs in its own process so that the process peak (ru_maxrss) is its own. Reported per
+method: bytes autograd saves for backward (saved_tensors_hooks, parameters excluded), parameter +
+gradient + optimizer bytes, the process peak, CUDA max_memory_allocated on a GPU, the step time, and
+each method's ratio to full fine-tuning (on the peak, and on the saved activations).
+
+    python benchmarks/memory.py --json out/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _report import machine, table, write_json
+from torch import nn
+
+METHODS = ("full", "linear", "restuning", "bypass", "bypass_no_recompute", "peft_lora")
+NUM_CLASSES = 100
+
+
+def _backbone(image_size: int, layers: int, device: str) -> nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(image_size=image_size, patch_size=16, num_hidden_layers=layers, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return ViTModel(config, add_pooling_layer=False).to(device)
+
+
+class _Classifier(nn.Module):
+    """Backbone -> CLS token of the last hidden state -> linear head."""
+
+    def __init__(self, backbone: nn.Module, frozen: bool):
+        super().__init__()
+        self.backbone, self.frozen = backbone, frozen
+        self.head = nn.Linear(backbone.config.hidden_size, NUM_CLASSES).to(next(backbone.parameters()).device)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.backbone(pixel_values=pixel_values).last_hidden_state
+        return self.head(hidden[:, 0])
+
+
+def build(method: str, image_size: int, layers: int, device: str) -> nn.Module:
+    import restuning
+
+    backbone = _backbone(image_size, layers, device)
+    if method == "full":
+        return _Classifier(backbone, frozen=False)
+    if method == "linear":
+        backbone.requires_grad_(False)
+        return _Classifier(backbone, frozen=True)
+    if method == "restuning":
+        return _Classifier(restuning.get_restuning_model(backbone, restuning.ResTuningConfig()), frozen=False)
+    if method in ("bypass", "bypass_no_recompute"):
+        config = restuning.BypassConfig(num_classes=NUM_CLASSES, recompute=method == "bypass")
+        return restuning.get_restuning_model(backbone, config)
+    if method == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        return _Classifier(lora, frozen=False)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def measure(method: str, batch: int, image_size: int, layers: int, device: str) -> dict:
+    """One AdamW step of `method`; run in a fresh process."""
+    from restuning.memory import SavedTensorMeter, state_bytes
+
+    model = build(method, image_size, layers, device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with SavedTensorMeter(model.parameters()) as meter:
+        loss = nn.functional.cross_entropy(model(pixel_values=x), y)
+    loss.backward()
+    optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    states = state_bytes(model, optimizer)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return {
+        "method": method,
+        "trainable_params": sum(p.numel() for p in params),
+        "frozen_params": sum(p.numel() for p in frozen),
+        "saved_activation_bytes": meter.bytes,
+        "parameter_bytes": states["parameters"],
+        "gradient_bytes": states["gradients"],
+        "optimizer_bytes": states["optimizer"],
+        "param_grad_optim_bytes": states["parameters"] + states["gradients"] + states["optimizer"],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        "step_seconds": seconds,
+    }
+
+
+def _run_worker(method: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--image-size",
+           str(args.image_size), "--layers", str(args.layers), "--device", args.device]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--layers", type=int, default=12, help="ViT-B/16 depth (12)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.batch, args.image_size, args.layers, args.device)))
+        return
+
+    rows = {m: _run_worker(m, args) for m in ["full", *[m for m in args.methods if m != "full"]]}
+    full = rows["full"]
+    for row in rows.values():
+        row["ratio_to_full"] = row["peak_rss_bytes"] / full["peak_rss_bytes"]
+        row["saved_activation_ratio_to_full"] = row["saved_activation_bytes"] / full["saved_activation_bytes"]
+        if row["cuda_max_allocated_bytes"] is not None:
+            row["cuda_ratio_to_full"] = row["cuda_max_allocated_bytes"] / full["cuda_max_allocated_bytes"]
+
+    print(f"ViT-B/16 x{args.layers}, {args.image_size} px, batch {args.batch}, one AdamW step on {args.device}")
+    header = ("method", "trainable", "saved act MiB", "param+grad+optim MiB", "peak MiB", "peak/full", "act/full",
+              "cuda MiB", "step s")
+    table(header, [
+        (r["method"], f"{r['trainable_params']:,d}", _mib(r["saved_activation_bytes"]),
+         _mib(r["param_grad_optim_bytes"]), _mib(r["peak_rss_bytes"]), f"{r['ratio_to_full']:.3f}",
+         f"{r['saved_activation_ratio_to_full']:.4f}",
+         _mib(r["cuda_max_allocated_bytes"]), f"{r['step_seconds']:.2f}")
+        for r in rows.values()
+    ])
+    meta = {"batch": args.batch, "image_size": args.image_size, "layers": args.layers, "device": args.device,
+            **machine(), "ratio_basis": "ratio_to_full is on the process peak (ru_maxrss) of each method's own process"}
+    write_json(args.json, {"meta": meta, "methods": rows})
+
+if __name__ == "__main__":
+    main()
