@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import machine, table, write_json
+from _report import machine, median, table, write_json
 from torch import nn
 
 METHODS = ("full", "linear", "restuning", "bypass", "bypass_no_recompute", "peft_lora")
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--layers", type=int, default=12, help="ViT-B/16 depth (12)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per method; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +142,16 @@ def main() -> None:
         print(json.dumps(measure(args.worker, args.batch, args.image_size, args.layers, args.device)))
         return
 
-    rows = {m: _run_worker(m, args) for m in ["full", *[m for m in args.methods if m != "full"]]}
+    methods = ["full", *[m for m in args.methods if m != "full"]]
+    runs = {m: [] for m in methods}
+    for _ in range(args.repeats):  # the process peak varies run to run (allocator): take the median
+        for m in methods:
+            runs[m].append(_run_worker(m, args))
+    rows = {}
+    for m, results in runs.items():
+        peaks = sorted(r["peak_rss_bytes"] for r in results)
+        rows[m] = {**results[0], "peak_rss_bytes": median(peaks), "peak_rss_all": peaks,  # byte counts are exact
+                   "step_seconds": median([r["step_seconds"] for r in results])}
     full = rows["full"]
     for row in rows.values():
         row["ratio_to_full"] = row["peak_rss_bytes"] / full["peak_rss_bytes"]
@@ -149,7 +159,8 @@ def main() -> None:
         if row["cuda_max_allocated_bytes"] is not None:
             row["cuda_ratio_to_full"] = row["cuda_max_allocated_bytes"] / full["cuda_max_allocated_bytes"]
 
-    print(f"ViT-B/16 x{args.layers}, {args.image_size} px, batch {args.batch}, one AdamW step on {args.device}")
+    print(f"ViT-B/16 x{args.layers}, {args.image_size} px, batch {args.batch}, one AdamW step on {args.device}; "
+          f"medians of {args.repeats} processes per method")
     header = ("method", "trainable", "saved act MiB", "param+grad+optim MiB", "peak MiB", "peak/full", "act/full",
               "cuda MiB", "step s")
     table(header, [
@@ -159,8 +170,9 @@ def main() -> None:
          _mib(r["cuda_max_allocated_bytes"]), f"{r['step_seconds']:.2f}")
         for r in rows.values()
     ])
-    meta = {"batch": args.batch, "image_size": args.image_size, "layers": args.layers, "device": args.device,
-            **machine(), "ratio_basis": "ratio_to_full is on the process peak (ru_maxrss) of each method's own process"}
+    meta = {"repeats": args.repeats, "batch": args.batch, "image_size": args.image_size, "layers": args.layers,
+            "device": args.device, **machine(),
+            "ratio_basis": "ratio_to_full is on the median process peak (ru_maxrss) over --repeats fresh processes"}
     write_json(args.json, {"meta": meta, "methods": rows})
 
 if __name__ == "__main__":
