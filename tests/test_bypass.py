@@ -268,3 +268,9 @@ def test_recompute_gives_the_same_gradients_and_keeps_less():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5)
     assert saved[True] < saved[False], saved
+
+
+def test_cnn_checkpoint_onto_another_cnn_fails(tmp_path):
+    _bypass("resnet").save_pretrained(tmp_path)
+    with pytest.raises(restuning.CheckpointError, match="depths"):
+        ResTuningBypassModel.from_pretrained(CNN_CASES["resnet"].model(depth=3), tmp_path)

@@ -62,8 +62,9 @@ def load(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def backbone_signature(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    sig = {k: getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), (int, str))}
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "hidden_sizes", "depths", "embedding_size")  # the last three describe CNNs (ConvNeXt, ResNet)
+    sig = {k: getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), (int, str, list))}
     return {"class": type(model).__name__, **sig}
 
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..config import ConfigError
 from .config import BypassConfig
 from .network import BypassTask
 from .taps import FeatureTaps, TapPlan, plan_taps
@@ -150,8 +149,3 @@ def load_task(model: nn.Module, directory: Path) -> BypassTask:
     task.load_state_dict({k: v.to(task.state_dict()[k].dtype) for k, v in tensors.items()})
     return task
 
-
-def get_bypass_model(model: nn.Module, config: BypassConfig) -> ResTuningBypassModel:
-    if not isinstance(config, BypassConfig):
-        raise ConfigError(f"expected a BypassConfig, got {type(config).__name__}")
-    return ResTuningBypassModel(model, config)
