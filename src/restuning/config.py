@@ -17,6 +17,24 @@ class ConfigError(ValueError):
     """A configuration names something that does not exist or has the wrong type."""
 
 
+class DictConfig:
+    """JSON/YAML round trip of a config dataclass; unknown keys are an error naming the known ones."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        name = cls.__name__
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a mapping for {name}, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown {name} key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**data)
+
+
 @dataclass
 class TunerSpec:
     """One tuner choice for one op kind.
@@ -54,7 +72,7 @@ class TunerSpec:
 
 
 @dataclass
-class ResTuningConfig:
+class ResTuningConfig(DictConfig):
     """Res-Tuning: tuners run in parallel to frozen ops, `x' = OP(x) + ResTuner(x)`.
 
     Args:
@@ -120,18 +138,6 @@ class ResTuningConfig:
         built = {k: getattr(self, k) for k in OP_KINDS if getattr(self, k) is not None}
         return {**built, **self.custom}
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ResTuningConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"expected a mapping for ResTuningConfig, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown ResTuningConfig key(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**data)
 
 
 def _check_layers(layers: Any, key: str) -> None:

@@ -15,6 +15,7 @@ from .bypass import BypassConfig, ResTuningBypassModel
 from .config import ConfigError, ResTuningConfig
 from .hooks import Attachment
 from .ops import OpSite, find_ops, name_matches
+from .params import ParameterReport
 from .tuners import FrozenAttention, OpContext, ResTuner, build_tuner
 
 
@@ -61,7 +62,7 @@ def _match_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return matched
 
 
-class ResTuningModel(nn.Module):
+class ResTuningModel(ParameterReport, nn.Module):
     """A backbone whose parameters are frozen, with tuners running in parallel to its ops.
 
     Calls go straight to the backbone (same signature, same outputs at initialisation). Attributes
@@ -108,16 +109,6 @@ class ResTuningModel(nn.Module):
     # --- parameters ----------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; `all` counts the backbone and the tuners."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        share = 100 * trainable / total
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     def tuner_state_dict(self) -> dict[str, torch.Tensor]:
         """Tuner weights and modules_to_save weights only: what a checkpoint holds."""

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, TunerSpec, _check_layers
+from ..config import ConfigError, DictConfig, TunerSpec, _check_layers
 
 POOLINGS = ("auto", "cls", "mean", "avg")
 VARIANTS = ("none", "horizontal", "vertical", "both")
 
 
 @dataclass
-class BypassConfig:
+class BypassConfig(DictConfig):
     """Res-Tuning-Bypass: `b_l = lam_l * H_l(x_l) + (1 - lam_l) * V_l(b_{l-1})`, `lam_l = sigmoid(theta_l)`.
 
     The backbone runs once without autograd; `x_l` are its tapped layer outputs and `b_0` is the input
@@ -75,16 +74,3 @@ class BypassConfig:
             raise ConfigError(f"bypass variant: expected one of {VARIANTS}, got {name!r}")
         use_h, use_v = name in ("horizontal", "both"), name in ("vertical", "both")
         return cls(horizontal=tuner if use_h else None, vertical=tuner if use_v else None, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BypassConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"expected a mapping for BypassConfig, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown BypassConfig key(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**data)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
+from ..params import ParameterReport
 from .config import BypassConfig
 from .network import BypassTask
 from .taps import FeatureTaps, TapPlan, plan_taps
@@ -16,7 +17,7 @@ from .taps import FeatureTaps, TapPlan, plan_taps
 METHOD = "restuning_bypass"
 
 
-class FrozenBackbone(nn.Module):
+class FrozenBackbone(ParameterReport, nn.Module):
     """A backbone that only ever runs in eval mode without autograd, and the taps that read it.
 
     Subclasses own the tasks. Calls go to the backbone with the backbone's own arguments.
@@ -88,17 +89,6 @@ class ResTuningBypassModel(FrozenBackbone):
     ) -> torch.Tensor:
         """Run the task on features already tapped (e.g. from a `FeatureCache`)."""
         return self.task(features, attention_mask, self.final_norm)
-
-    # --- parameters ----------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; `all` counts the backbone and the task."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        share = 100 * trainable / total
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path) -> None:

@@ -32,6 +32,12 @@ class FamilyMap:
     norm_after_pool: bool = False  # the final norm works on the pooled vector (ConvNeXt)
 
 
+# Shared parts of the maps below.
+_VISION_ATTENTION = dict(mha=("attention", "attention"), ffn=("mlp", "mlp"), query="attention.q_proj",
+                         key="attention.k_proj", value="attention.v_proj", out="attention.o_proj")
+_CNN = dict(mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None, layout="map", chained=True)
+_HF_STAGES = dict(blocks=r"(.*\.)?encoder\.stages\.\d+\.layers", taps=r"(.*\.)?encoder\.stages")
+
 FAMILIES: dict[str, FamilyMap] = {
     m.name: m
     for m in (
@@ -39,12 +45,7 @@ FAMILIES: dict[str, FamilyMap] = {
             name="vit",
             model_types=("vit", "deit", "vit_mae", "vit_msn"),
             blocks=r"(.*\.)?(encoder\.layer|layers)",  # transformers 5.23 ViT: `layers`; older: `encoder.layer`
-            mha=("attention", "attention"),
-            ffn=("mlp", "mlp"),
-            query="attention.q_proj",
-            key="attention.k_proj",
-            value="attention.v_proj",
-            out="attention.o_proj",
+            **_VISION_ATTENTION,
             norm="layernorm_before",
             final_norm=r"(.*\.)?layernorm",
         ),
@@ -52,12 +53,7 @@ FAMILIES: dict[str, FamilyMap] = {
             name="dinov2",
             model_types=("dinov2",),
             blocks=r"(.*\.)?encoder\.layer",
-            mha=("attention", "attention"),
-            ffn=("mlp", "mlp"),
-            query="attention.q_proj",
-            key="attention.k_proj",
-            value="attention.v_proj",
-            out="attention.o_proj",
+            **_VISION_ATTENTION,
             norm="norm1",
             final_norm=r"(.*\.)?layernorm",
         ),
@@ -89,22 +85,16 @@ FAMILIES: dict[str, FamilyMap] = {
         FamilyMap(
             name="convnext",
             model_types=("convnext", "convnextv2"),
-            blocks=r"(.*\.)?encoder\.stages\.\d+\.layers",
-            mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None,
-            layout="map",
-            chained=True,
-            taps=r"(.*\.)?encoder\.stages",
+            **_CNN,
+            **_HF_STAGES,
             final_norm=r"(.*\.)?layernorm",
             norm_after_pool=True,
         ),
         FamilyMap(
             name="resnet",
             model_types=("resnet",),
-            blocks=r"(.*\.)?encoder\.stages\.\d+\.layers",
-            mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None,
-            layout="map",
-            chained=True,
-            taps=r"(.*\.)?encoder\.stages",
+            **_CNN,
+            **_HF_STAGES,
         ),
         FamilyMap(
             # EfficientNet-Lite0 of the `efficientnet-lite-pytorch` package (no `config`): 16 MBConv blocks.
@@ -112,9 +102,7 @@ FAMILIES: dict[str, FamilyMap] = {
             model_types=(),
             class_names=("EfficientNet",),
             blocks=r"_blocks",
-            mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None,
-            layout="map",
-            chained=True,
+            **_CNN,
         ),
     )
 }
