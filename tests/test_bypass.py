@@ -274,3 +274,30 @@ def test_cnn_checkpoint_onto_another_cnn_fails(tmp_path):
     _bypass("resnet").save_pretrained(tmp_path)
     with pytest.raises(restuning.CheckpointError, match="depths"):
         ResTuningBypassModel.from_pretrained(CNN_CASES["resnet"].model(depth=3), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2", "clip_vision"])
+@pytest.mark.parametrize("tuner", TUNER_NAMES)
+def test_first_token_bypass_equals_the_bypass_over_all_tokens(name, tuner):
+    """With CLS pooling and position-wise tuners the bypass runs on token 0 only; that must be exact."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = _bypass(name, BypassConfig(horizontal=TunerSpec(tuner, dim=4), vertical=TunerSpec(tuner, dim=4),
+                                       num_classes=3))
+    with torch.no_grad():
+        for p in model.task.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert model.task.first_token_only and model.taps.first_token_only
+    features = model.features(**case.inputs())
+    assert all(f.shape[1] == 1 for f in features)
+    full = model.base_model(**case.inputs(), output_hidden_states=True).hidden_states
+    b = model.bypass(list(full))  # every token
+    if model.task.uses_final_norm:
+        b = model.final_norm(b)
+    torch.testing.assert_close(model(**case.inputs()), model.head(b[:, 0]), atol=1e-6, rtol=1e-6)
+
+
+def test_mean_pooling_keeps_every_token():
+    model = _bypass("bert")
+    assert model.plan.pooling == "mean" and not model.task.first_token_only
+    assert model.features(**CASES["bert"].inputs())[1].shape[1] == 9

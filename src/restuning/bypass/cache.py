@@ -118,7 +118,8 @@ def compute(model: FrozenBackbone, inputs: Inputs, batch_size: int, key: str = "
 def fingerprint(model: FrozenBackbone, inputs: Inputs) -> str:
     """sha256 over the backbone's weights and buffers, the taps, and the inputs."""
     h = hashlib.sha256()
-    h.update(json.dumps({"taps": list(model.taps.points), "class": type(model.base_model).__name__}).encode())
+    taps = {"taps": list(model.taps.points), "first_token_only": model.taps.first_token_only}
+    h.update(json.dumps({**taps, "class": type(model.base_model).__name__}).encode())
     _hash_tensors(h, model.base_model.state_dict())
     _hash_tensors(h, {"": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs))
     return h.hexdigest()

@@ -23,14 +23,14 @@ class FrozenBackbone(ParameterReport, nn.Module):
     Subclasses own the tasks. Calls go to the backbone with the backbone's own arguments.
     """
 
-    def __init__(self, model: nn.Module, plan: TapPlan, needed: int):
+    def __init__(self, model: nn.Module, plan: TapPlan, needed: int, first_token_only: bool = False):
         super().__init__()
         self.base_model = model.eval()
         self.plan = plan
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        self.taps = FeatureTaps(model, plan.points[:needed]).attach()
+        self.taps = FeatureTaps(model, plan.points[:needed], first_token_only).attach()
 
     @property
     def final_norm(self) -> nn.Module | None:
@@ -45,10 +45,10 @@ class FrozenBackbone(ParameterReport, nn.Module):
         """One backbone forward without autograd: [x_0, x_1, ...] as tapped (channels-first for CNNs)."""
         return self.taps(lambda: self.base_model(*args, **kwargs))
 
-    def _retap(self, needed: int) -> None:
-        if len(self.taps.points) != needed:
+    def _retap(self, needed: int, first_token_only: bool) -> None:
+        if len(self.taps.points) != needed or self.taps.first_token_only != first_token_only:
             self.taps.detach()
-            self.taps = FeatureTaps(self.base_model, self.plan.points[:needed]).attach()
+            self.taps = FeatureTaps(self.base_model, self.plan.points[:needed], first_token_only).attach()
 
     def unload(self) -> nn.Module:
         """Remove the taps and restore requires_grad; return the pristine backbone."""
@@ -69,7 +69,7 @@ class ResTuningBypassModel(FrozenBackbone):
     def __init__(self, model: nn.Module, config: BypassConfig, task: BypassTask | None = None):
         plan = task.plan if task is not None else plan_taps(model, config)
         task = task if task is not None else _build_task(model, plan, config)
-        super().__init__(model, plan, _needed(task))
+        super().__init__(model, plan, _needed(task), task.first_token_only)
         self.bypass_config = config
         self.task = task
 

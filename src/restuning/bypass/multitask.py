@@ -53,14 +53,18 @@ class MultiTaskBypass(FrozenBackbone):
         if task.plan.points != self.plan.points:
             raise ConfigError(f"task {name!r} taps {list(task.plan.points)}, this backbone {list(self.plan.points)}")
         self.tasks[name] = task
-        self._retap(max(_needed(t) for t in self.tasks.values()))
+        self._retap_for_tasks()
         return task
 
     def remove_task(self, name: str) -> BypassTask:
         task = self.tasks.pop(name)
         if self.tasks:
-            self._retap(max(_needed(t) for t in self.tasks.values()))
+            self._retap_for_tasks()
         return task
+
+    def _retap_for_tasks(self) -> None:
+        tasks = list(self.tasks.values())
+        self._retap(max(_needed(t) for t in tasks), all(t.first_token_only for t in tasks))
 
     def save_task(self, name: str, directory: str | Path) -> None:
         """Save one task as a checkpoint that `ResTuningBypassModel.from_pretrained` also reads."""

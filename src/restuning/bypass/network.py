@@ -88,7 +88,13 @@ class BypassNetwork(nn.Module):
 
     def _step(self, i: int, theta: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         lam = torch.sigmoid(theta[i]).to(b.dtype)
-        return lam * self.horizontal[i](x) + (1 - lam) * self.vertical[i](b, like=x)
+        return torch.lerp(self.vertical[i](b, like=x), self.horizontal[i](x), lam)  # (1 - lam) V + lam H
+
+    @property
+    def position_wise(self) -> bool:
+        """True when every step maps each position on its own (no resampling, position-wise tuners)."""
+        steps = [*self.horizontal, *(v.residual for v in self.vertical)]
+        return all(s.tuner is None or s.tuner.position_wise for s in steps)
 
 
 def _tuner(spec: TunerSpec | None, width_in: int, width_out: int, dim: int, where: str) -> ResTuner | None:
@@ -113,6 +119,8 @@ class BypassTask(nn.Module):
         self.uses_final_norm = plan.final_norm is not None and (
             self.layers[-1] == plan.depth - 1 or len(set(plan.widths)) == 1
         )
+        # The head reads the first token and nothing mixes tokens: the bypass on that token alone is exact.
+        self.first_token_only = plan.layout == "tokens" and plan.pooling == "cls" and self.bypass.position_wise
 
     def forward(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
@@ -122,6 +130,8 @@ class BypassTask(nn.Module):
         Returns logits (B, num_classes), or the pooled final state (B, width) without a head."""
         dtype = self.bypass.theta.dtype
         chosen = [features[0], *(features[i + 1] for i in self.layers)]
+        if self.first_token_only:
+            chosen = [f[:, :1] for f in chosen]
         if self.plan.layout == "map":
             chosen = [f.movedim(1, -1) for f in chosen]
         b = self.bypass([f.to(dtype) for f in chosen])

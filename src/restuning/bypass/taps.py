@@ -93,11 +93,11 @@ class FeatureTaps:
     """Forward hooks (handles kept) that record `x_0` and the tapped layer outputs during one call.
 
     Features live in the dictionary of the call that asked for them, never on a module. The backbone
-    stops after the last tap it needs.
+    stops after the last tap it needs. With `first_token_only`, only token 0 of each feature is kept.
     """
 
-    def __init__(self, model: nn.Module, points: tuple[str, ...]):
-        self.model, self.points = model, tuple(points)
+    def __init__(self, model: nn.Module, points: tuple[str, ...], first_token_only: bool = False):
+        self.model, self.points, self.first_token_only = model, tuple(points), first_token_only
         self.handles: list[RemovableHandle] = []
         self._record: dict[str, torch.Tensor] | None = None
 
@@ -115,18 +115,21 @@ class FeatureTaps:
         self.handles.clear()
 
     def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._record is not None:
-            self._record.setdefault("", first_input(args, kwargs))
+        if self._record is not None and "" not in self._record:
+            self._record[""] = self._keep(first_input(args, kwargs))
 
     def _output_hook(self, name: str, last: bool):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._record is None:
                 return
-            self._record[name] = output_tensor(output)
+            self._record[name] = self._keep(output_tensor(output))
             if last:
                 raise _Done
 
         return hook
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1].clone() if self.first_token_only else x  # a copy, so the full tensor can be freed
 
     def __call__(self, run: Callable[[], Any]) -> list[torch.Tensor]:
         """Run `run()` (a backbone call) without autograd; return [x_0, x_1, ..., x_L]."""

@@ -35,4 +35,5 @@ class ResAdapter(ResTuner):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         source = y if self.reads == "output" else x
-        return self.up(self.act(self.down(source))) * self.scale
+        delta = self.up(self.act(self.down(source)))
+        return delta if self.scale == 1 else delta * self.scale

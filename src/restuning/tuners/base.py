@@ -47,6 +47,9 @@ class ResTuner(nn.Module):
     """Base class. Subclasses take `(ctx: OpContext, dim: int, **options)`."""
 
     name: ClassVar[str]
+    # True when the delta at each position depends on that position's x and y alone (no mixing across
+    # tokens). All built-in tuners are; the bypass uses it to run on the CLS token only when exact.
+    position_wise: ClassVar[bool] = True
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: op input (..., in_features); y: op output (..., out_features). Returns a delta like y."""
