@@ -1,7 +1,8 @@
 """Training memory of one step, per method: full fine-tuning, linear probing, Res-Tuning (Dual
-Res-Adapters), Res-Tuning-Bypass (as configured by default, recomputing each bypass step in backward,
-and without that) and PEFT's LoRA (rank 8 on query/value), on a ViT-B/16 (random weights; memory does
-not depend on them), 224 px, batch 32, AdamW, 100 classes.
+Res-Adapters), Res-Tuning-Bypass (as configured by default: CLS head, so the bypass runs on the CLS
+token alone, and each bypass step is recomputed in backward; then on every token with a mean-pooled
+head; then on every token without recomputing) and PEFT's LoRA (rank 8 on query/value), on a
+ViT-B/16 (random weights; memory does not depend on them), 224 px, batch 32, AdamW, 100 classes.
 
 Each method runs in its own process so that the process peak (ru_maxrss) is its own. Reported per
 method: bytes autograd saves for backward (saved_tensors_hooks, parameters excluded), parameter +
@@ -25,7 +26,7 @@ import torch
 from _report import machine, median, table, write_json
 from torch import nn
 
-METHODS = ("full", "linear", "restuning", "bypass", "bypass_no_recompute", "peft_lora")
+METHODS = ("full", "linear", "restuning", "bypass", "bypass_all_tokens", "bypass_no_recompute", "peft_lora")
 NUM_CLASSES = 100
 
 
@@ -64,8 +65,12 @@ def build(method: str, image_size: int, layers: int, device: str) -> nn.Module:
         return _Classifier(backbone, frozen=True)
     if method == "restuning":
         return _Classifier(restuning.get_restuning_model(backbone, restuning.ResTuningConfig()), frozen=False)
-    if method in ("bypass", "bypass_no_recompute"):
-        config = restuning.BypassConfig(num_classes=NUM_CLASSES, recompute=method == "bypass")
+    if method.startswith("bypass"):
+        # Default: CLS head, so the bypass runs on the CLS token alone (exact). `all_tokens` pools the
+        # mean, which makes the bypass run on every token, as in the paper; `no_recompute` also keeps
+        # every bypass activation for backward.
+        config = restuning.BypassConfig(num_classes=NUM_CLASSES, pooling="mean" if method != "bypass" else "auto",
+                                        recompute=method != "bypass_no_recompute")
         return restuning.get_restuning_model(backbone, config)
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model

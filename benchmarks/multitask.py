@@ -2,7 +2,9 @@
 Res-Tuning models (Dual Res-Adapters), each running its own backbone forward, on the same inputs.
 
 ViT-B/16 with random weights (time does not depend on them). For T = 1, 5 and 19 tasks the two are
-timed alternately, and `ratio` = median multi-task time / median separate time.
+timed alternately, and `ratio` = median multi-task time / median separate time. The bypass heads read
+the CLS token by default, so each bypass runs on that token alone (exact); `--pooling mean` makes
+every bypass run on every token.
 
     python benchmarks/multitask.py --json out/multitask.json
 """
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pooling", default="auto", choices=["auto", "mean"],
+                        help="auto: CLS head, the bypass runs on the CLS token; mean: on every token")
     args = parser.parse_args()
 
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
@@ -62,7 +66,7 @@ def main() -> None:
     for t in args.tasks:
         multi = MultiTaskBypass(copy.deepcopy(backbone))
         for i in range(t):
-            multi.add_task(f"task{i}", BypassConfig(num_classes=NUM_CLASSES))
+            multi.add_task(f"task{i}", BypassConfig(num_classes=NUM_CLASSES, pooling=args.pooling))
         separate = [_TunedClassifier(copy.deepcopy(backbone)).eval() for _ in range(t)]
         multi.eval()
 
@@ -89,8 +93,8 @@ def main() -> None:
     table(("tasks", "multi-task bypass s", "separate Res-Tuning s", "ratio"),
           [(r["tasks"], f"{r['multi_seconds']:.3f}", f"{r['separate_seconds']:.3f}", f"{r['ratio']:.3f}")
            for r in rows])
-    meta = {"batch": args.batch, "image_size": args.image_size, "layers": args.layers, "repeats": args.repeats,
-            **machine()}
+    meta = {"pooling": args.pooling, "batch": args.batch, "image_size": args.image_size, "layers": args.layers,
+            "repeats": args.repeats, **machine()}
     write_json(args.json, {"meta": meta, "ratio": {str(r["tasks"]): r["ratio"] for r in rows}, "rows": rows})
 
 

@@ -22,7 +22,8 @@ class BypassConfig(DictConfig):
         horizontal / vertical: the Res-Tuner of `H_l` / `V_l` (a name, a `TunerSpec`, or `None` for the
             identity). Any registered tuner works. Table 3(b)'s variants: `BypassConfig.variant(...)`.
         dim: default tuner size (paper: 10).
-        layers: indices of the tapped layers that feed the bypass (`None`: every layer).
+        layers: indices of the tapped layers that feed the bypass, in forward order whatever order they
+            are given in (`None`: every layer).
         num_classes: adds a linear head; the model then returns logits (batch, num_classes). `None`:
             the model returns the pooled final bypass state (batch, width).
         pooling: `cls` (first token), `mean` (over the attention mask), `avg` (spatial mean of a

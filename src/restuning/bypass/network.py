@@ -111,7 +111,7 @@ class BypassTask(nn.Module):
     def __init__(self, plan: TapPlan, config: BypassConfig):
         super().__init__()
         self.plan, self.config = plan, config
-        self.layers = list(config.layers) if config.layers is not None else list(range(plan.depth))
+        self.layers = sorted(set(config.layers)) if config.layers is not None else list(range(plan.depth))
         chosen = [plan.widths[0], *(plan.widths[i + 1] for i in self.layers)]
         self.bypass = BypassNetwork(chosen, config, plan.layout)
         self.head = nn.Linear(chosen[-1], config.num_classes) if config.num_classes else nn.Identity()
