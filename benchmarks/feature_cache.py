@@ -25,11 +25,13 @@ from torch import nn
 
 import restuning
 from restuning import BypassConfig, FeatureCache
-from restuning.assets import minilm, tweet_sentiment
+from restuning.assets import minilm
+from restuning.data import tweets
 
 
 def _minilm(args) -> tuple[Callable[[], nn.Module], dict[str, torch.Tensor], torch.Tensor]:
-    texts, labels = tweet_sentiment()
+    data = tweets()
+    texts, labels = data.inputs, data.labels.tolist()
     pick = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:args.examples].tolist()
     _, tokenizer = minilm()
     batch = tokenizer([texts[i] for i in pick], padding="max_length", truncation=True, max_length=args.tokens,

