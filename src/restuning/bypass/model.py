@@ -81,8 +81,12 @@ class ResTuningBypassModel(FrozenBackbone):
     def head(self) -> nn.Module:
         return self.task.head
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.forward_features(self.features(*args, **kwargs), kwargs.get("attention_mask"))
+    def forward(self, *args: Any, features: list[torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+        """Backbone inputs as the backbone takes them; or `features=` already tapped (from a
+        `FeatureCache`), with `attention_mask=` where the pooling needs it."""
+        if features is None:
+            features = self.features(*args, **kwargs)
+        return self.forward_features(features, kwargs.get("attention_mask"))
 
     def forward_features(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None

@@ -135,13 +135,19 @@ class BypassTask(nn.Module):
         if self.plan.layout == "map":
             chosen = [f.movedim(1, -1) for f in chosen]
         b = self.bypass([f.to(dtype) for f in chosen])
-        final_norm = final_norm if self.uses_final_norm else None
-        if final_norm is not None and not self.plan.norm_after_pool:
-            b = final_norm(b)
-        pooled = pool(b, self.plan.pooling, attention_mask)
-        if final_norm is not None and self.plan.norm_after_pool:
-            pooled = final_norm(pooled)
-        return self.head(pooled)
+        return self.head(read_out(b, self.plan, attention_mask, final_norm if self.uses_final_norm else None))
+
+
+def read_out(b: torch.Tensor, plan: TapPlan, attention_mask: torch.Tensor | None = None,
+             final_norm: nn.Module | None = None) -> torch.Tensor:
+    """The backbone's own read-out of a last-layer state: its final norm and the plan's pooling.
+    b: (B, T, D) or channels-last (B, H, W, C). Returns (B, D)."""
+    if final_norm is not None and not plan.norm_after_pool:
+        b = final_norm(b)
+    pooled = pool(b, plan.pooling, attention_mask)
+    if final_norm is not None and plan.norm_after_pool:
+        pooled = final_norm(pooled)
+    return pooled
 
 
 def pool(b: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

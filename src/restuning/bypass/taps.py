@@ -94,10 +94,11 @@ class FeatureTaps:
 
     Features live in the dictionary of the call that asked for them, never on a module. The backbone
     stops after the last tap it needs. With `first_token_only`, only token 0 of each feature is kept.
+    With `grad`, the backbone runs with autograd (to read a model that trains through its backbone).
     """
 
-    def __init__(self, model: nn.Module, points: tuple[str, ...], first_token_only: bool = False):
-        self.model, self.points, self.first_token_only = model, tuple(points), first_token_only
+    def __init__(self, model: nn.Module, points: tuple[str, ...], first_token_only: bool = False, grad: bool = False):
+        self.model, self.points, self.first_token_only, self.grad = model, tuple(points), first_token_only, grad
         self.handles: list[RemovableHandle] = []
         self._record: dict[str, torch.Tensor] | None = None
 
@@ -132,12 +133,12 @@ class FeatureTaps:
         return x[:, :1].clone() if self.first_token_only else x  # a copy, so the full tensor can be freed
 
     def __call__(self, run: Callable[[], Any]) -> list[torch.Tensor]:
-        """Run `run()` (a backbone call) without autograd; return [x_0, x_1, ..., x_L]."""
+        """Run `run()` (a backbone call), without autograd unless `grad`; return [x_0, x_1, ..., x_L]."""
         if not self.handles:
             raise RuntimeError("FeatureTaps are not attached")
         self._record = {}
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
                 run()
         except _Done:
             pass
