@@ -1,43 +1,69 @@
-"""The `restuning` command line."""
+"""The `restuning` command line: train, eval and demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+import yaml
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected key=value, e.g. optim.epochs=2")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .train.config import load_config
+    from .train.loop import train
+
+    try:
+        config = load_config(args.config, _overrides(args.set))
+    except ConfigError as err:
+        print(f"error in {args.config}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(train(config, progress=not args.no_progress)))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate_run
+
+    print(json.dumps(evaluate_run(Path(args.run), args.data)))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from .demo import run_demo
 
-    from . import ResTuningConfig, get_restuning_model
-    from .assets import minilm
-    from .bound import compare_forms
-
-    model, tokenizer = minilm()
-    model.eval()
-    sentences = ["The backbone stays frozen.", "Only a few hundred thousand weights learn, in parallel to it."]
-    inputs = dict(tokenizer(sentences, padding=True, return_tensors="pt"))
-    with torch.no_grad():
-        reference = model(**inputs).last_hidden_state
-    print("all-MiniLM-L6-v2 with ResTuningConfig() (Res-Adapter of width 10 on every MHA and FFN):")
-    tuned = get_restuning_model(model, ResTuningConfig())
-    tuned.print_trainable_parameters()
-    with torch.no_grad():
-        step0 = (tuned(**inputs).last_hidden_state - reference).abs().max().item()
-    print(f"output at step 0 vs frozen backbone: max |diff| = {step0:.2e}")
-    model = tuned.unload()
-    print("\nExact unbinding on MiniLM (bound original vs unbound Res-Tuner, float32, padded batch):")
-    print(f"{'form':<9}{'max |out diff|':>16}{'max |grad diff|':>17}")
-    for form in ("prefix", "prompt", "adapter"):
-        r = compare_forms(model, inputs, form)
-        print(f"{form:<9}{r.output_diff:>16.2e}{r.grad_diff:>17.2e}")
+    run_demo(args.output_dir, quick=args.quick, json_path=args.json)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="restuning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="attach Res-Tuners to the shipped MiniLM and check exact unbinding, offline")
+    train = sub.add_parser("train", help="train a run described by a YAML config (see examples/)")
+    train.add_argument("--config", required=True, help="YAML file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="top-1 accuracy of a finished run")
+    ev.add_argument("--run", required=True, help="the run's output_dir")
+    ev.add_argument("--data", default=None, help="a shipped set to evaluate on instead of the run's test split")
+    ev.set_defaults(func=_eval)
+    demo = sub.add_parser("demo", help="MiniLM on tweets and DINOv2-small on MNIST: linear, Res-Tuning, Bypass")
+    demo.add_argument("--json", type=Path, help="write the table here as JSON")
+    demo.add_argument("--quick", action="store_true", help="smaller data and 2 epochs")
+    demo.add_argument("--output-dir", default="runs/demo")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)

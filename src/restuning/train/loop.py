@@ -76,6 +76,7 @@ class Trainer:
         self.config, self.progress = config, progress
         self.out = Path(config.output_dir)
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # without it, Accelerate runs torchrun's CPU processes apart
             mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )

@@ -1,0 +1,172 @@
+"""The training layer: config checking, data splits, augmentation, the Accelerate loop, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CASES
+from safetensors.torch import load_file
+
+from restuning import ConfigError
+from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
+from restuning.train.config import TrainConfig, from_dict, load_config
+from restuning.train.loop import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- configs -----------------------------------------------------------------------------------
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,message", [
+    ("optim: {epochs: 2, lerning_rate: 0.1}", r"optim.lerning_rate: unknown key; expected some of \["),
+    ("optim: {epochs: two}", "optim.epochs: expected int, got str 'two'"),
+    ("data: {name: image_folder}", "data.path: data.name 'image_folder' needs a path"),
+    ("data: {name: text_table, path: /no/such/file.csv}", "data.path: '/no/such/file.csv' does not exist"),
+    ("method: {name: lora}", "method.name: expected one of"),
+    ("data: {eval_sets: [cifar]}", r"data.eval_sets: \['cifar'\] are not shipped sets"),
+    ("seed: [1]", "seed: expected int, got list"),
+])
+def test_bad_configs_stop_before_any_work(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_a_tuner_that_does_not_fit_the_backbone_is_a_clear_error(tmp_path):
+    config = from_dict(TrainConfig, {"backbone": str(_tiny_vit(tmp_path)), "method": {"name": "restuning",
+                       "config": {"mha": "no_such_tuner"}}, "data": {"name": "mnist", "image_size": 16}})
+    with pytest.raises(ConfigError, match="unknown tuner 'no_such_tuner'"):
+        Trainer(config, progress=False)
+
+
+def test_overrides_and_examples_load():
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        config = load_config(path, {"optim.epochs": 1})
+        assert config.optim.epochs == 1 and config.optim.weight_decay == 0.05
+
+
+# --- data --------------------------------------------------------------------------------------
+def test_splits_are_deterministic_for_a_seed_and_differ_across_seeds():
+    labels = mnist5k().labels
+    a, b, c = few_shot(labels, 4, seed=0), few_shot(labels, 4, seed=0), few_shot(labels, 4, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.bincount(labels[a]).tolist() == [4] * 10
+    train, val = vtab_split(5000, seed=3)
+    assert len(train) == 800 and len(val) == 200 and not set(train.tolist()) & set(val.tolist())
+    tr, te = split_indices(100, 0.2, seed=0)
+    assert len(te) == 20 and sorted(tr.tolist() + te.tolist()) == list(range(100))
+
+
+def test_text_tables_from_csv_and_jsonl(tmp_path):
+    (tmp_path / "a.csv").write_text("text,label\ngood,pos\nbad,neg\nfine,pos\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "good", "y": 1}\n{"text": "bad", "y": 0}\n')
+    csv_data = text_table(tmp_path / "a.csv")
+    assert csv_data.classes == ["neg", "pos"] and csv_data.labels.tolist() == [1, 0, 1]
+    jsonl = text_table(tmp_path / "a.jsonl", label_column="y")
+    assert jsonl.inputs == ["good", "bad"] and jsonl.labels.tolist() == [1, 0]
+    with pytest.raises(KeyError, match="no column 'label'"):
+        text_table(tmp_path / "a.jsonl")
+
+
+def test_random_resized_crop_is_seeded_and_keeps_shapes():
+    images = torch.rand(4, 3, 20, 24)
+    a = random_resized_crop(images, 16, torch.Generator().manual_seed(0))
+    b = random_resized_crop(images, 16, torch.Generator().manual_seed(0))
+    c = random_resized_crop(images, 16, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_labelled_data_checks_lengths():
+    with pytest.raises(ValueError, match="3 inputs but 2 labels"):
+        LabelledData(["a", "b", "c"], torch.tensor([0, 1]), ["x", "y"])
+
+
+# --- the loop ----------------------------------------------------------------------------------
+def _tiny_vit(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny-vit"
+    if not folder.exists():
+        CASES["vit"].model().save_pretrained(folder)
+    return folder
+
+
+def _config(tmp_path: Path, method: str, **optim) -> TrainConfig:
+    return from_dict(TrainConfig, {
+        "backbone": str(_tiny_vit(tmp_path)), "method": {"name": method},
+        "data": {"name": "mnist", "train_size": 96, "test_size": 64, "image_size": 16},
+        "optim": {"epochs": 2, "batch_size": 16, "lr": 0.01, "warmup_epochs": 0.5, **optim},
+        "output_dir": str(tmp_path / f"run-{method}"), "checkpoint_every": 2,
+    })
+
+
+@pytest.mark.parametrize("method", ["linear", "full", "restuning", "bypass"])
+def test_every_method_trains_and_writes_its_files(tmp_path, method):
+    config = _config(tmp_path, method)
+    result = Trainer(config, progress=False).run()
+    out = Path(config.output_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and 0.0 <= result["test_accuracy"] <= 1.0
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert (out / "final" / "trainable.safetensors").is_file() and (out / "checkpoint" / "state.pt").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
+    if method == "bypass":
+        assert (out / "final" / "task" / "restuning_model.safetensors").is_file()
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path):
+    whole = _config(tmp_path / "a", "restuning")
+    expected = Trainer(whole, progress=False).run()
+    resumed = _config(tmp_path / "b", "restuning")
+    assert Trainer(resumed, progress=False).run(stop_after_steps=5) == {"stopped": True}  # killed in epoch 1
+    state = torch.load(Path(resumed.output_dir) / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 4)
+    result = Trainer(resumed, progress=False).run()
+    assert result["test_accuracy"] == expected["test_accuracy"]
+    assert result["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)
+    a = load_file(str(Path(whole.output_dir) / "final" / "trainable.safetensors"))
+    b = load_file(str(Path(resumed.output_dir) / "final" / "trainable.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6)
+
+
+def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp_path):
+    config = _config(tmp_path, "bypass")
+    trainer = Trainer(config, progress=False)
+    assert trainer._feature_cache() is not None
+    cached = trainer.run()
+    augmented = _config(tmp_path / "aug", "bypass")
+    augmented.data.augment = True
+    assert Trainer(augmented, progress=False)._feature_cache() is None  # random crops: never cached
+    assert 0.0 <= cached["test_accuracy"] <= 1.0
+
+
+def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks hold the same tuner weights; rank 0 writes."""
+    config = _config(tmp_path, "restuning")
+    config_path = tmp_path / "run.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(Path(__file__).with_name("ddp_worker.py")), str(config_path), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+    out = Path(config.output_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final", "metrics.jsonl"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # written by rank 0 only
+    saved = load_file(str(out / "final" / "trainable.safetensors"))
+    assert all(torch.equal(saved[n], v) for n, v in ranks[0].items())
