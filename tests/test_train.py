@@ -170,3 +170,59 @@ def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # written by rank 0 only
     saved = load_file(str(out / "final" / "trainable.safetensors"))
     assert all(torch.equal(saved[n], v) for n, v in ranks[0].items())
+
+
+def test_image_folders_train(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    config = _config(tmp_path, "bypass")
+    config.data = from_dict(type(config.data), {"name": "image_folder", "path": str(tmp_path / "images"),
+                                                 "image_size": 16, "test_size": 4})
+    trainer = Trainer(config, progress=False)
+    assert trainer.data.train.classes == ["cat", "dog"] and trainer.data.train.inputs.shape[1:] == (3, 16, 16)
+    assert len(trainer.data.train) == 8 and len(trainer.data.test) == 4
+    assert 0.0 <= trainer.run()["test_accuracy"] <= 1.0
+
+
+def test_bf16_and_gradient_accumulation(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # one process, another precision: a fresh Accelerate state
+    try:
+        config = _config(tmp_path, "restuning", mixed_precision="bf16", grad_accum=2)
+        result = Trainer(config, progress=False).run()
+        records = [json.loads(x) for x in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
+        assert 0.0 <= result["test_accuracy"] <= 1.0
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_predict_serves_several_runs_and_plot_draws_them(tmp_path):
+    from restuning import ResTuningBypassModel
+    from restuning.train.backbones import load_backbone
+    from restuning.train.plot import plot_runs
+    from restuning.train.predict import predict
+
+    runs = []
+    for seed in (0, 1):
+        config = _config(tmp_path / f"s{seed}", "bypass")
+        config.seed, config.backbone = seed, str(_tiny_vit(tmp_path))  # one backbone for both tasks
+        Trainer(config, progress=False).run()
+        runs.append(Path(config.output_dir))
+    images = mnist5k().inputs[:6]
+    answers = predict(runs, images=images, image_size=16)
+    for run in runs:
+        backbone = load_backbone(str(_tiny_vit(tmp_path)))
+        alone = ResTuningBypassModel.from_pretrained(backbone.model, run / "final" / "task")
+        data = LabelledData(images, torch.zeros(6, dtype=torch.long), ["?"])
+        expected = alone(**backbone.encode(data, 16, 32)).argmax(-1).tolist()
+        assert answers[str(run)] == [str(i) for i in expected]
+    png = plot_runs(runs, tmp_path / "fig.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

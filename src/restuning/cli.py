@@ -41,6 +41,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from .train.predict import predict
+
+    if bool(args.text) == bool(args.images):
+        print("predict: give either --text or --images", file=sys.stderr)
+        return 2
+    images = [Path(p) for p in args.images] if args.images else None
+    print(json.dumps(predict([Path(r) for r in args.runs], texts=args.text or None, images=images), indent=2))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_runs
+
+    print(f"wrote {plot_runs([Path(r) for r in args.runs], Path(args.out))}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -60,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--run", required=True, help="the run's output_dir")
     ev.add_argument("--data", default=None, help="a shipped set to evaluate on instead of the run's test split")
     ev.set_defaults(func=_eval)
+    pr = sub.add_parser("predict", help="answer several bypass runs' tasks with one backbone forward")
+    pr.add_argument("--runs", nargs="+", required=True, help="output_dirs of bypass runs on one backbone")
+    pr.add_argument("--text", nargs="*", help="texts to classify")
+    pr.add_argument("--images", nargs="*", help="image files to classify")
+    pr.set_defaults(func=_predict)
+    pl = sub.add_parser("plot", help="accuracy against trainable parameters and memory (paper Fig. 4), PNG")
+    pl.add_argument("--runs", nargs="+", required=True, help="finished runs' output_dirs")
+    pl.add_argument("--out", default="plot.png")
+    pl.set_defaults(func=_plot)
     demo = sub.add_parser("demo", help="MiniLM on tweets and DINOv2-small on MNIST: linear, Res-Tuning, Bypass")
     demo.add_argument("--json", type=Path, help="write the table here as JSON")
     demo.add_argument("--quick", action="store_true", help="smaller data and 2 epochs")

@@ -37,6 +37,8 @@ class MultiTaskBypass(FrozenBackbone):
     # --- the task table ----------------------------------------------------------------------
     def add_task(self, name: str, source: TaskSource) -> BypassTask:
         """Add a task from a single-task model, a task, a fresh config, or a checkpoint folder."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"task name {name!r}: expected a non-empty string without '.'")
         if name in self.tasks:
             raise ValueError(f"task {name!r} already exists; tasks: {list(self.tasks)}")
         if isinstance(source, ResTuningBypassModel):

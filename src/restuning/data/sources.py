@@ -17,8 +17,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 def image_folder(path: str | Path, image_size: int) -> LabelledData:
     """`path/<class>/<image>`: one subfolder per class (sorted names), images resized to a square
     `image_size` and held in memory as RGB in [0, 1]."""
-    from PIL import Image
-
     root = Path(path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not classes:
@@ -27,14 +25,20 @@ def image_folder(path: str | Path, image_size: int) -> LabelledData:
     for label, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(file) as img:
-                    pixels = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
-                    image = pixels.view(img.height, img.width, 3).permute(2, 0, 1).float() / 255
-                images.append(resize(image[None], image_size)[0])
+                images.append(resize(load_image(file)[None], image_size)[0])
                 labels.append(label)
     if not images:
         raise FileNotFoundError(f"{root}: no images ({sorted(IMAGE_SUFFIXES)}) in {classes}")
     return LabelledData(torch.stack(images), torch.tensor(labels), classes)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """One image file as RGB (3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        pixels = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+        return pixels.view(img.height, img.width, 3).permute(2, 0, 1).float() / 255
 
 
 def text_table(path: str | Path, text_column: str = "text", label_column: str = "label") -> LabelledData:

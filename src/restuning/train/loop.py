@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -154,6 +155,8 @@ class Trainer:
                       "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - began}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
                 record.update(self.evaluate())
+            if epoch + 1 == cfg.optim.epochs:
+                record.update(self.summary())
             self._log(record)
             self._save_checkpoint(optimizer, scheduler, epoch + 1, 0)
             result = record
@@ -165,6 +168,13 @@ class Trainer:
         if not isinstance(unwrapped, ResTuningBypassModel) or self.config.data.augment:
             return None
         return FeatureCache().get(unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
+
+    def summary(self) -> dict[str, Any]:
+        """What `restuning plot` draws: method, trainable parameters, and the process's peak memory."""
+        model = self.accelerator.unwrap_model(self.model)
+        return {"method": self.config.method.name, "backbone": self.config.backbone,
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
