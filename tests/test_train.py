@@ -226,3 +226,17 @@ def test_predict_serves_several_runs_and_plot_draws_them(tmp_path):
         assert answers[str(run)] == [str(i) for i in expected]
     png = plot_runs(runs, tmp_path / "fig.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vtab_validation_split_holds_out_a_fifth_of_the_training_examples(tmp_path):
+    from restuning.train.backbones import load_backbone
+    from restuning.train.loop import load_data
+
+    config = _config(tmp_path, "linear")
+    whole = load_data(config, load_backbone(config.backbone))
+    config.data.validation = True
+    tuned = load_data(config, load_backbone(config.backbone))
+    assert len(tuned.train) == 77 and len(tuned.test) == 19  # 96 examples: 80% / 20%
+    rows = {x.numpy().tobytes() for x in whole.train.inputs}
+    both = torch.cat([tuned.train.inputs, tuned.test.inputs])
+    assert len({x.numpy().tobytes() for x in both}) == 96 and all(x.numpy().tobytes() in rows for x in both)

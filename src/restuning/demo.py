@@ -2,7 +2,8 @@
 
 MiniLM on tweet sentiment and DINOv2-small on MNIST, each with linear probing, Res-Tuning (Dual
 Res-Adapters) and Res-Tuning-Bypass; one table of accuracy, trainable parameters, training peak
-memory (the process peak of each run, which runs in a fresh process) and time.
+memory (the process peak of each run, which runs in a fresh process; the bypass's includes its
+in-memory feature cache) and time. 1,000 training and 500 test examples per set, seed 0.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ def demo_configs(output_dir: str | Path, quick: bool = False) -> list[TrainConfi
         if quick:
             data = DataConfig(**{**data.__dict__, "train_size": 200, "test_size": 200})
         for method in METHODS:
-            lr = 1e-2 if method == "linear" else 5e-3
-            optim = OptimConfig(lr=lr, epochs=2 if quick else 5, warmup_epochs=0.5, batch_size=32)
+            lr = 5e-3 if method == "restuning" else 1e-2
+            # The bypass trains from cached features (an epoch costs well under a second), so it gets
+            # more epochs in less time; the table shows epochs and seconds side by side.
+            epochs = (2 if quick else 5) * (4 if method == "bypass" else 1)
+            optim = OptimConfig(lr=lr, epochs=epochs, warmup_epochs=0.1 * epochs, batch_size=32)
             configs.append(TrainConfig(backbone=backbone, method=MethodConfig(name=method), data=data, optim=optim,
-                                       output_dir=str(Path(output_dir) / f"{backbone}-{method}")))
+                                       output_dir=str(Path(output_dir) / f"{backbone}-{method}"),
+                                       eval_every=epochs))  # evaluate once, at the end
     return configs
 
 
@@ -44,6 +49,7 @@ def _run_one(config: TrainConfig, queue) -> None:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result = trainer.run()
     queue.put({"backbone": config.backbone, "method": config.method.name, "accuracy": result["test_accuracy"],
+               "epochs": config.optim.epochs, "train_examples": len(trainer.data.train),
                "trainable_params": trainable,
                "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                "seconds": time.perf_counter() - start})
@@ -63,12 +69,13 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, json_pat
         process.join()
         rows.append(row)
     print()
-    header = f"{'backbone':<18} {'method':<10} {'accuracy':>8} {'trainable':>10} {'peak MiB':>9} {'seconds':>8}"
+    header = (f"{'backbone':<18} {'method':<10} {'accuracy':>8} {'trainable':>10} {'peak MiB':>9} {'epochs':>6} "
+              f"{'seconds':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['backbone']:<18} {r['method']:<10} {r['accuracy']:>8.3f} {r['trainable_params']:>10,d} "
-              f"{r['peak_memory_bytes'] / 2**20:>9,.0f} {r['seconds']:>8.1f}")
+              f"{r['peak_memory_bytes'] / 2**20:>9,.0f} {r['epochs']:>6} {r['seconds']:>8.1f}")
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

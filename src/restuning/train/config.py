@@ -26,6 +26,9 @@ class DataConfig:
             for CSV/JSONL, `hf` for a local Hugging Face dataset), which needs `path`.
         shots: k examples per class for training (few-shot protocol), else `train_size` examples.
         train_size: training examples (e.g. 1000 for VTAB-1k style); `None`: all not held out.
+        validation: tune on a VTAB-1k-style split: train on 80% of the training examples (800 of
+            1000) and evaluate on the other 20% (200) instead of the test split; then set it false
+            to train on all of them.
         test_size: held-out examples (count) for evaluation.
         eval_sets: extra shipped sets to evaluate on, e.g. `[digits]` (domain generalisation).
         image_size, augment: images are resized to `image_size`; `augment` adds RandomResizedCrop and
@@ -39,6 +42,7 @@ class DataConfig:
     label_column: str = "label"
     shots: int | None = None
     train_size: int | None = None
+    validation: bool = False
     test_size: int = 1000
     eval_sets: list[str] = field(default_factory=list)
     image_size: int = 56

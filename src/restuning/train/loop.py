@@ -26,7 +26,7 @@ from ..config import ConfigError
 from ..data import LabelledData, few_shot, random_resized_crop
 from ..data.shipped import SHIPPED
 from ..data.sources import hf_dataset, image_folder, text_table
-from ..data.splits import split_indices
+from ..data.splits import split_indices, vtab_split
 from ..data.transforms import resize
 from .backbones import Backbone, load_backbone
 from .config import TrainConfig
@@ -66,6 +66,10 @@ def load_data(config: TrainConfig, backbone: Backbone) -> RunData:
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
                              [: d.train_size].sort().values)
     extra = {name: SHIPPED[name]() for name in d.eval_sets}
+    if d.validation:  # VTAB-1k: 800 / 200 of 1000
+        tune, val = vtab_split(len(train), config.seed, train=round(0.8 * len(train)),
+                               val=len(train) - round(0.8 * len(train)))
+        return RunData(train.subset(tune), train.subset(val), extra)
     return RunData(train, full.subset(test), extra)
 
 
