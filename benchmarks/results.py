@@ -12,6 +12,7 @@ examples. Prints mean +- std per cell and writes every run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -49,7 +50,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(LR), choices=list(LR))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/results"))
+    parser.add_argument("--summarize", type=Path, help="only print the table of the runs in this JSON")
+    parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(json.loads(args.summarize.read_text())["runs"], args.markdown)
+        return
 
     runs = []
     for task in args.tasks:
@@ -63,6 +69,11 @@ def main() -> None:
                                  "seconds": time.perf_counter() - start, **result, "config": config.to_dict()})
                     print(f"{task} {method} {size} seed {seed}: {result['test_accuracy']:.3f}", flush=True)
                     write_json(args.json, {"meta": machine(), "runs": runs})  # partial results survive a stop
+    summarize(runs, args.markdown)
+
+
+def summarize(runs: list[dict], markdown: Path | None = None) -> None:
+    """Mean +- std over seeds per (task, train set, method)."""
     cells = {}
     for r in runs:
         cells.setdefault((r["task"], r["size"], r["method"]), []).append(r)
@@ -73,7 +84,12 @@ def main() -> None:
         spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
         rows.append((task, size, method, f"{statistics.mean(acc):.1f} +- {spread:.1f}",
                      f"{statistics.mean(digits):.1f}" if digits else "-", rs[0]["trainable_params"], len(rs)))
-    table(("task", "train", "method", "test acc %", "digits acc %", "trainable", "seeds"), rows)
+    header = ("task", "train", "method", "test acc %", "digits acc %", "trainable", "seeds")
+    table(header, rows)
+    if markdown is not None:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        markdown.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

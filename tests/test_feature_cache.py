@@ -95,6 +95,19 @@ def test_a_stale_memory_store_is_rebuilt_and_never_used():
     assert all(torch.equal(a, b) for a, b in zip(fresh.features, expected, strict=True))
 
 
+def test_batch_norm_backbones_are_fingerprinted_and_running_statistics_count():
+    from conftest import CNN_CASES
+
+    model = restuning.get_restuning_model(CNN_CASES["resnet"].model(), BypassConfig(num_classes=3))
+    inputs = CNN_CASES["resnet"].inputs()
+    cache = FeatureCache()
+    cache.get(model, inputs)
+    with torch.no_grad():
+        model.base_model.embedder.embedder.normalization.running_mean.add_(0.5)
+    cache.get(model, inputs)
+    assert cache.status == "rebuilt"
+
+
 def test_a_damaged_file_is_rebuilt(tmp_path):
     inputs, _ = _data()
     model = _model()

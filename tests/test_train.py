@@ -36,6 +36,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("method: {name: lora}", "method.name: expected one of"),
     ("data: {eval_sets: [cifar]}", r"data.eval_sets: \['cifar'\] are not shipped sets"),
     ("seed: [1]", "seed: expected int, got list"),
+    ("eval_every: 0", "eval_every: expected a positive integer"),
+    ("checkpoint_every: -1", "checkpoint_every: expected 0"),
 ])
 def test_bad_configs_stop_before_any_work(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -122,10 +124,11 @@ def test_every_method_trains_and_writes_its_files(tmp_path, method):
         assert (out / "final" / "task" / "restuning_model.safetensors").is_file()
 
 
-def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path):
-    whole = _config(tmp_path / "a", "restuning")
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path, grad_accum):
+    whole = _config(tmp_path / "a", "restuning", grad_accum=grad_accum)
     expected = Trainer(whole, progress=False).run()
-    resumed = _config(tmp_path / "b", "restuning")
+    resumed = _config(tmp_path / "b", "restuning", grad_accum=grad_accum)
     assert Trainer(resumed, progress=False).run(stop_after_steps=5) == {"stopped": True}  # killed in epoch 1
     state = torch.load(Path(resumed.output_dir) / "checkpoint" / "state.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 4)
@@ -136,6 +139,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_p
     b = load_file(str(Path(resumed.output_dir) / "final" / "trainable.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6)
+    epochs = [json.loads(x)["epoch"] for x in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
 
 
 def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp_path):
@@ -149,14 +154,16 @@ def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp
     assert 0.0 <= cached["test_accuracy"] <= 1.0
 
 
-def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
-    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks hold the same tuner weights; rank 0 writes."""
-    config = _config(tmp_path, "restuning")
+@pytest.mark.parametrize("method", ["restuning", "full"])
+def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path, method):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks hold the same weights; rank 0 writes."""
+    config = _config(tmp_path, method)
     config_path = tmp_path / "run.json"
     config_path.write_text(json.dumps(config.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         "29533" if method == "restuning" else "29537",
          str(Path(__file__).with_name("ddp_worker.py")), str(config_path), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,
     )

@@ -116,11 +116,12 @@ def compute(model: FrozenBackbone, inputs: Inputs, batch_size: int, key: str = "
 
 
 def fingerprint(model: FrozenBackbone, inputs: Inputs) -> str:
-    """sha256 over the backbone's weights and buffers, the taps, and the inputs."""
+    """sha256 over the backbone's parameters and buffers (persistent or not), the taps, and the inputs."""
     h = hashlib.sha256()
     taps = {"taps": list(model.taps.points), "first_token_only": model.taps.first_token_only}
     h.update(json.dumps({**taps, "class": type(model.base_model).__name__}).encode())
-    _hash_tensors(h, model.base_model.state_dict())
+    base = model.base_model
+    _hash_tensors(h, {**dict(base.named_parameters()), **{f"buffer:{n}": b for n, b in base.named_buffers()}})
     _hash_tensors(h, {"": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs))
     return h.hexdigest()
 
@@ -129,7 +130,7 @@ def _hash_tensors(h, tensors: Mapping[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _length(inputs: Inputs) -> int:

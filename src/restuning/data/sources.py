@@ -81,8 +81,9 @@ def _from_rows(rows: list[dict], text_column: str, label_column: str, where: str
             raise KeyError(f"{where}: no column {column!r}; columns are {sorted(rows[0])}")
     raw = [r[label_column] for r in rows]
     if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw):
-        ints = [int(v) for v in raw]
-        classes = [str(i) for i in range(max(ints) + 1)]
+        values = sorted({int(v) for v in raw})  # e.g. -1/1 or 0..K-1: class i is the i-th smallest value
+        classes = [str(v) for v in values]
+        ints = [values.index(int(v)) for v in raw]
     else:
         classes = sorted({str(v) for v in raw})
         ints = [classes.index(str(v)) for v in raw]

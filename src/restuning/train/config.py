@@ -100,9 +100,16 @@ class TrainConfig:
             if not Path(self.data.path).exists():
                 raise ConfigError(f"data.path: {self.data.path!r} does not exist")
         for key, value in (("optim.epochs", self.optim.epochs), ("optim.batch_size", self.optim.batch_size),
-                           ("optim.grad_accum", self.optim.grad_accum), ("data.image_size", self.data.image_size)):
+                           ("optim.grad_accum", self.optim.grad_accum), ("data.image_size", self.data.image_size),
+                           ("data.test_size", self.data.test_size), ("data.max_length", self.data.max_length),
+                           ("eval_every", self.eval_every)):
             if value < 1:
                 raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every: expected 0 (epoch ends only) or more, got {self.checkpoint_every!r}")
+        if self.optim.lr <= 0 or self.optim.warmup_epochs < 0:
+            raise ConfigError(f"optim.lr must be positive and optim.warmup_epochs not negative, got "
+                              f"{self.optim.lr!r} and {self.optim.warmup_epochs!r}")
         if self.optim.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"optim.mixed_precision: expected no, bf16 or fp16, got {self.optim.mixed_precision!r}")
         if self.data.shots is not None and self.data.shots < 1:

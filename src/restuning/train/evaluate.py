@@ -22,14 +22,17 @@ def evaluate_run(run: Path, data: str | None = None) -> dict[str, float]:
     trainer = Trainer(config, progress=False)
     tensors = load_file(str(final / "trainable.safetensors"))
     params = dict(trainer.model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    if missing:
-        raise ValueError(f"{run}: saved weights {missing[:5]} do not fit the rebuilt model")
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(tensors) != trainable:
+        raise ValueError(f"{run}: saved weights do not fit the rebuilt model: unexpected "
+                         f"{sorted(set(tensors) - trainable)[:5]}, missing {sorted(trainable - set(tensors))[:5]}")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
+    device = trainer.accelerator.device
+    trainer.model.to(device)
     if data is None:
         return trainer.evaluate()
     target = SHIPPED[data]()
     return {f"{data}_accuracy": accuracy(trainer.model, trainer._encode(target), target.labels,
-                                         config.optim.batch_size)}
+                                         config.optim.batch_size, device)}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -55,6 +55,8 @@ def load_data(config: TrainConfig, backbone: Backbone) -> RunData:
         full = text_table(d.path, d.text_column, d.label_column)
     else:
         full = hf_dataset(d.path, d.text_column, d.label_column)
+    if d.augment and full.kind == "text":
+        raise ConfigError("data.augment: RandomResizedCrop and flips are for images; this data holds texts")
     if full.kind != backbone.kind:
         raise ConfigError(
             f"data.name: {d.name!r} holds {full.kind}s, backbone {config.backbone!r} takes {backbone.kind}s")
@@ -80,10 +82,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, progress: bool = True):
         self.config, self.progress = config, progress
         self.out = Path(config.output_dir)
+        # Full fine-tuning trains parameters the loss may not reach (a pooler after the last tap).
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=config.method.name == "full")
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # without it, Accelerate runs torchrun's CPU processes apart
             mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), kwargs_handlers=[ddp],
         )
         set_seed(config.seed)
         self.backbone = load_backbone(config.backbone)
@@ -115,13 +119,14 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             torch.arange(len(self.data.train)), batch_size=cfg.optim.batch_size, shuffle=True,
             generator=torch.Generator().manual_seed(cfg.seed))
-        steps = math.ceil(len(loader) / cfg.optim.grad_accum) * cfg.optim.epochs
+        model, optimizer, loader = acc.prepare(self.model, optimizer, loader)
+        # Sized on this rank's batches; Accelerate steps a prepared scheduler once per process.
+        steps = math.ceil(len(loader) / cfg.optim.grad_accum) * cfg.optim.epochs * acc.num_processes
         warmup = round(steps * cfg.optim.warmup_epochs / cfg.optim.epochs)
         from transformers import get_cosine_schedule_with_warmup
 
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps - 1), steps)
-        model, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
-        start_epoch, start_step = self._resume(optimizer, scheduler)
+        scheduler = acc.prepare(get_cosine_schedule_with_warmup(optimizer, min(warmup, steps - 1), steps))
+        start_epoch, start_step, losses = self._resume(optimizer, scheduler)
         cached = self._feature_cache()
         labels = self.data.train.labels
         done, result = 0, {}
@@ -132,7 +137,8 @@ class Trainer:
             first = start_step if epoch == start_epoch else 0
             bar = tqdm(batches, total=len(loader), initial=first, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
                        disable=not (self.progress and acc.is_main_process))
-            began, losses = time.perf_counter(), []
+            began = time.perf_counter()
+            losses = losses if epoch == start_epoch else []  # a resumed epoch keeps the losses before the kill
             for step, index in enumerate(bar, start=first):
                 index = index.cpu()
                 with acc.accumulate(model), acc.autocast():
@@ -150,8 +156,9 @@ class Trainer:
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 done += 1
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                    self._save_checkpoint(optimizer, scheduler, epoch, step + 1)
+                # Only between optimizer steps, so accumulation restarts on the same boundaries.
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and acc.sync_gradients:
+                    self._save_checkpoint(optimizer, scheduler, epoch, step + 1, losses)
                 if stop_after_steps is not None and done >= stop_after_steps:
                     return {"stopped": True}
             start_step = 0
@@ -161,8 +168,8 @@ class Trainer:
                 record.update(self.evaluate())
             if epoch + 1 == cfg.optim.epochs:
                 record.update(self.summary())
+            self._save_checkpoint(optimizer, scheduler, epoch + 1, 0, [], record)  # then log: never twice
             self._log(record)
-            self._save_checkpoint(optimizer, scheduler, epoch + 1, 0)
             result = record
         self._save_final()
         return result
@@ -174,7 +181,8 @@ class Trainer:
         return FeatureCache().get(unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
     def summary(self) -> dict[str, Any]:
-        """What `restuning plot` draws: method, trainable parameters, and the process's peak memory."""
+        """What `restuning plot` draws: method, trainable parameters, and the process's peak resident
+        memory so far (host RSS: it includes data and caches, and earlier runs in the same process)."""
         model = self.accelerator.unwrap_model(self.model)
         return {"method": self.config.method.name, "backbone": self.config.backbone,
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -199,19 +207,23 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
-    def _save_checkpoint(self, optimizer, scheduler, epoch: int, step: int) -> None:
+    def _save_checkpoint(self, optimizer, scheduler, epoch: int, step: int, losses: list[float],
+                         record: dict[str, Any] | None = None) -> None:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
         state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "losses": torch.tensor(losses, dtype=torch.float64), "record": json.dumps(record)}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
         _write_dir(self.out / CHECKPOINT, lambda d: (save_file(self._trainable(), str(d / "trainable.safetensors")),
                                                      torch.save(state, d / "state.pt")))
 
-    def _resume(self, optimizer, scheduler) -> tuple[int, int]:
+    def _resume(self, optimizer, scheduler) -> tuple[int, int, list[float]]:
         directory = self.out / CHECKPOINT
         if not (directory / "state.pt").is_file():
-            return 0, 0
+            return 0, 0, []
         state = torch.load(directory / "state.pt", weights_only=True)  # tensors and numbers only, no code
         tensors = load_file(str(directory / "trainable.safetensors"))
         model = self.accelerator.unwrap_model(self.model)
@@ -222,7 +234,17 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        return state["epoch"], state["step"]
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        record = json.loads(state["record"])
+        if record is not None and record["epoch"] not in self._logged_epochs():  # killed before logging it
+            self._log(record)
+        return state["epoch"], state["step"], state["losses"].tolist()
+
+    def _logged_epochs(self) -> set[int]:
+        path = self.out / METRICS
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return {json.loads(line)["epoch"] for line in lines if line.strip()}
 
     def _save_final(self) -> None:
         self.accelerator.wait_for_everyone()

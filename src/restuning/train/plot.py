@@ -26,7 +26,7 @@ def plot_runs(runs: list[Path], out: Path, metric: str = "test_accuracy") -> Pat
     records = [(run, last_record(run)) for run in runs]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
-                           (axes[1], "peak_memory_bytes", "training peak memory (MiB)")):
+                           (axes[1], "peak_memory_bytes", "process peak memory, RSS (MiB)")):
         for run, r in records:
             x = r[key] / 2**20 if key == "peak_memory_bytes" else r[key]
             ax.scatter(x, 100 * r[metric], s=40)

@@ -25,6 +25,10 @@ def predict(runs: list[Path], texts: list[str] | None = None, images: list[Path]
     if len(names) != 1 or any(c.method.name != "bypass" for c in configs):
         raise ValueError(f"predict serves bypass runs of one backbone; got backbones {sorted(names)} and methods "
                          f"{[c.method.name for c in configs]}")
+    settings = {(c.data.image_size, c.data.max_length) for c in configs}
+    if len(settings) != 1 and image_size is None and max_length is None:
+        raise ValueError(f"predict: the runs were trained on other input sizes {sorted(settings)} "
+                         "(image_size, max_length); pass image_size/max_length, or serve them apart")
     backbone = load_backbone(configs[0].backbone)
     multi = MultiTaskBypass(backbone.model, {f"task{i}": r / FINAL / "task" for i, r in enumerate(runs)}).eval()
     classes = [json.loads((r / FINAL / "classes.json").read_text()) for r in runs]
