@@ -247,3 +247,18 @@ def test_vtab_validation_split_holds_out_a_fifth_of_the_training_examples(tmp_pa
     rows = {x.numpy().tobytes() for x in whole.train.inputs}
     both = torch.cat([tuned.train.inputs, tuned.test.inputs])
     assert len({x.numpy().tobytes() for x in both}) == 96 and all(x.numpy().tobytes() in rows for x in both)
+
+
+def test_hugging_face_datasets_from_local_files(tmp_path):
+    import datasets
+
+    from restuning.data import hf_dataset
+
+    rows = {"sentence": ["good", "bad", "fine", "awful"], "label": [1, 0, 1, 0]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    saved = hf_dataset(tmp_path / "saved", text_column="sentence")
+    assert saved.inputs == rows["sentence"] and saved.labels.tolist() == rows["label"]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                                                 for t, y in zip(rows["sentence"], rows["label"], strict=True)))
+    from_json = hf_dataset(tmp_path / "rows.jsonl")
+    assert from_json.inputs == rows["sentence"] and from_json.classes == ["0", "1"]

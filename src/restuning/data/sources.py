@@ -62,7 +62,7 @@ def hf_dataset(path: str | Path, text_column: str = "text", label_column: str = 
     except ImportError as err:
         raise ImportError("data.format 'hf' needs `pip install datasets`") from err
     path = Path(path)
-    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         table = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     else:
