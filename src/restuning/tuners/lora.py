@@ -32,3 +32,13 @@ class LoRA(ResTuner):
     def delta_weight(self) -> torch.Tensor:
         """The dense update to merge into the op's weight, (out_features, in_features)."""
         return self.lora_B @ self.lora_A * self.scaling
+
+    @torch.no_grad()
+    def merged(self, linear: nn.Linear) -> nn.Linear:
+        """A copy of `linear` with this LoRA folded in: `W + (alpha/r) B A`. Equal to the tuned op."""
+        out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                        device=linear.weight.device, dtype=linear.weight.dtype)
+        out.weight.copy_(linear.weight + self.delta_weight().to(linear.weight.dtype))
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias)
+        return out

@@ -20,3 +20,15 @@ class SSF(ResTuner):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y * self.scale + self.shift
+
+    @torch.no_grad()
+    def folded(self, linear: nn.Linear) -> nn.Linear:
+        """A copy of the linear op this SSF follows with the scale and shift folded in:
+        `gamma (W x + b) + beta = (gamma W) x + (gamma b + beta)`. Equal to the tuned op."""
+        gamma = (1 + self.scale).to(linear.weight.dtype)
+        out = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                        dtype=linear.weight.dtype)
+        out.weight.copy_(gamma[:, None] * linear.weight)
+        bias = linear.bias if linear.bias is not None else torch.zeros_like(gamma)
+        out.bias.copy_(gamma * bias + self.shift.to(gamma.dtype))
+        return out
