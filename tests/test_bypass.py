@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_CASES, CASES, CNN_CASES, efficientnet_lite0
+from conftest import ALL_CASES, CASES, CNN_CASES
 
 import restuning
 from restuning import BypassConfig, ResTuningBypassModel, ResTuningConfig, TunerSpec
+from restuning.assets import efficientnet_lite0
 from restuning.bypass import Residual
 from restuning.memory import SavedTensorMeter
 
@@ -159,7 +160,7 @@ def test_cnn_stages_of_other_shapes_are_resampled_and_projected():
 def test_efficientnet_lite0_asset_bypass_and_block_tuning():
     """The shipped, pretrained EfficientNet-Lite0: a bypass over its 16 blocks, and block-level Res-Tuning."""
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    backbone = efficientnet_lite0()
+    backbone = efficientnet_lite0().eval()
     reference = backbone(x).detach()
     model = restuning.get_restuning_model(backbone, BypassConfig(num_classes=5))
     assert model.plan.depth == 16 and model.plan.widths[0] == 32 and model.plan.widths[-1] == 320

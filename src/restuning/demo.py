@@ -8,6 +8,7 @@ in-memory feature cache) and time. 1,000 training and 500 test examples per set,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import resource
@@ -28,7 +29,7 @@ def demo_configs(output_dir: str | Path, quick: bool = False) -> list[TrainConfi
     configs = []
     for backbone, data in BACKBONES.items():
         if quick:
-            data = DataConfig(**{**data.__dict__, "train_size": 200, "test_size": 200})
+            data = dataclasses.replace(data, train_size=200, test_size=200)
         for method in METHODS:
             lr = 5e-3 if method == "restuning" else 1e-2
             # The bypass trains from cached features (an epoch costs well under a second), so it gets

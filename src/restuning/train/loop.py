@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..bypass import FeatureCache, ResTuningBypassModel
+from ..checkpoint import atomic_write_dir
 from ..config import ConfigError
 from ..data import LabelledData, few_shot, random_resized_crop
 from ..data.shipped import SHIPPED
@@ -96,6 +94,7 @@ class Trainer:
         self.model = build_classifier(config.method.name, self.backbone.model, len(self.data.train.classes),
                                       config.method.config)
         self.inputs = self._encode(self.data.train, raw=config.data.augment)
+        self._eval_inputs: dict[str, dict[str, torch.Tensor]] = {}
 
     # --- data --------------------------------------------------------------------------------
     def _encode(self, data: LabelledData, raw: bool = False) -> dict[str, torch.Tensor]:
@@ -192,7 +191,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Top-1 accuracy on the test split and on each extra evaluation set."""
         sets = {"test": self.data.test, **self.data.extra}
-        return {f"{name}_accuracy": accuracy(self.accelerator.unwrap_model(self.model), self._encode(data),
+        for name, data in sets.items():  # encoded once per run, not at every evaluation
+            if name not in self._eval_inputs:
+                self._eval_inputs[name] = self._encode(data)
+        return {f"{name}_accuracy": accuracy(self.accelerator.unwrap_model(self.model), self._eval_inputs[name],
                                              data.labels, self.config.optim.batch_size, self.accelerator.device)
                 for name, data in sets.items()}
 
@@ -217,8 +219,13 @@ class Trainer:
                  "losses": torch.tensor(losses, dtype=torch.float64), "record": json.dumps(record)}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        _write_dir(self.out / CHECKPOINT, lambda d: (save_file(self._trainable(), str(d / "trainable.safetensors")),
-                                                     torch.save(state, d / "state.pt")))
+        trainable = self._trainable()
+
+        def write(d: Path) -> None:
+            save_file(trainable, str(d / "trainable.safetensors"))
+            torch.save(state, d / "state.pt")
+
+        atomic_write_dir(self.out / CHECKPOINT, write)
 
     def _resume(self, optimizer, scheduler) -> tuple[int, int, list[float]]:
         directory = self.out / CHECKPOINT
@@ -259,7 +266,7 @@ class Trainer:
             if isinstance(model, ResTuningBypassModel):
                 model.save_pretrained(d / "task")  # loadable alone, or as one task of a MultiTaskBypass
 
-        _write_dir(self.out / FINAL, write)
+        atomic_write_dir(self.out / FINAL, write)
 
 
 def accuracy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int,
@@ -271,22 +278,6 @@ def accuracy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Te
         batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()}
         correct += (model(**batch).argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
     return correct / len(labels)
-
-
-def _write_dir(target: Path, write) -> None:
-    """Fill a temporary folder with `write(folder)`, then swap it in for `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        write(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
