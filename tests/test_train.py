@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from restuning import ConfigError
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
 from restuning.train.config import TrainConfig, from_dict, load_config
+from restuning.train.evaluate import evaluate_run
 from restuning.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("optim: {epochs: two}", "optim.epochs: expected int, got str 'two'"),
     ("data: {name: image_folder}", "data.path: data.name 'image_folder' needs a path"),
     ("data: {name: text_table, path: /no/such/file.csv}", "data.path: '/no/such/file.csv' does not exist"),
-    ("method: {name: lora}", "method.name: expected one of"),
+    ("method: {name: houlsby}", "method.name: expected one of"),
     ("data: {eval_sets: [cifar]}", r"data.eval_sets: \['cifar'\] are not shipped sets"),
     ("seed: [1]", "seed: expected int, got list"),
     ("eval_every: 0", "eval_every: expected a positive integer"),
@@ -110,7 +111,7 @@ def _config(tmp_path: Path, method: str, **optim) -> TrainConfig:
     })
 
 
-@pytest.mark.parametrize("method", ["linear", "full", "restuning", "bypass"])
+@pytest.mark.parametrize("method", ["linear", "full", "restuning", "bypass", "lst", "peft_lora", "bitfit"])
 def test_every_method_trains_and_writes_its_files(tmp_path, method):
     config = _config(tmp_path, method)
     result = Trainer(config, progress=False).run()
@@ -122,6 +123,11 @@ def test_every_method_trains_and_writes_its_files(tmp_path, method):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
     if method == "bypass":
         assert (out / "final" / "task" / "restuning_model.safetensors").is_file()
+    if method in ("lst", "peft_lora", "bitfit"):  # the saved weights rebuild the same classifier
+        assert evaluate_run(out)["test_accuracy"] == result["test_accuracy"]
+    if method == "linear":  # a finished run started again trains no more and reports its last record
+        assert Trainer(config, progress=False).run() == result
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -30,13 +30,16 @@ def additive_mask(
     """Normalise a transformers attention mask to a float32 additive mask broadcastable to (B, H, T, S).
 
     transformers passes an additive float mask to eager attention, a boolean "keep" mask to SDPA,
-    and may pass `None` with `is_causal=True` (CLIP text under SDPA).
+    and may pass `None` with `is_causal=True` (CLIP text under SDPA). diffusers passes an additive
+    (B, T|1, S) mask without the head axis (a UNet's `encoder_attention_mask`).
     """
     if mask is None:
         if not is_causal:
             return None
         keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
         mask = keep[None, None]
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
     if mask.dtype == torch.bool:
         out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         return out.masked_fill(~mask, torch.finfo(torch.float32).min)

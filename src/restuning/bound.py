@@ -18,31 +18,17 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .hooks import add_to_output, first_input, output_tensor
+from .hooks import add_to_output, extend_mask, first_input, output_tensor, with_input
 from .ops import OpSite
 from .tuners import OpContext, ResAdapter
 
 _BOUND_NAME = "restuning_bound_prefix"
 _PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> (holder, key, impl)
-
-
-def _extend_mask(mask: torch.Tensor | None, n: int, at_end: bool, rows: bool) -> torch.Tensor | None:
-    """Make `n` extra key columns visible in a transformers mask (additive float or boolean keep);
-    with `rows`, also add `n` query rows (their outputs are discarded)."""
-    if mask is None:
-        return None
-    visible = True if mask.dtype == torch.bool else 0.0
-    cols = (0, n) if at_end else (n, 0)
-    mask = F.pad(mask, cols, value=visible)
-    if rows:
-        mask = F.pad(mask, (0, 0, 0, n), value=visible) if mask.shape[-2] > 1 else mask
-    return mask
 
 
 def _bound_prefix_attention(module, query, key, value, attention_mask, **kwargs):
@@ -53,7 +39,7 @@ def _bound_prefix_attention(module, query, key, value, attention_mask, **kwargs)
     b = key.shape[0]
     key = torch.cat([k_pre.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)
     value = torch.cat([v_pre.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
-    attention_mask = _extend_mask(attention_mask, k_pre.shape[2], at_end=False, rows=False)
+    attention_mask = extend_mask(attention_mask, k_pre.shape[2], at_end=False, rows=False)
     if impl == "eager":
         original = sys.modules[type(module).__module__].eager_attention_forward
     else:
@@ -132,17 +118,7 @@ class BoundVPTDeep(_HookedReference):
         def hook(module, args, kwargs):
             x = first_input(args, kwargs)
             prompts = self.prompts[key].to(x.dtype).expand(x.shape[0], -1, -1)
-            joined = torch.cat([x, prompts], dim=1)
-            n = prompts.shape[1]
-            if args:
-                args = (joined, *args[1:])
-            else:
-                kwargs = {**kwargs, "hidden_states": joined}
-            if "attention_mask" in kwargs:
-                kwargs = {**kwargs, "attention_mask": _extend_mask(kwargs["attention_mask"], n, True, True)}
-            elif len(args) > 1:
-                args = (args[0], _extend_mask(args[1], n, True, True), *args[2:])
-            return args, kwargs
+            return with_input(args, kwargs, torch.cat([x, prompts], dim=1), prompts.shape[1])
 
         return hook
 
@@ -208,17 +184,13 @@ def compare_forms(
 ) -> FormComparison:
     """Run `form` ("prefix", "prompt" or "adapter") bound and unbound on copies of `model` with the same
     weights; compare outputs and the gradients of every tuner parameter for one random linear loss."""
-    from .config import ResTuningConfig, TunerSpec
+    from .baselines.presets import preset_config
     from .model import get_restuning_model
 
-    specs = {
-        "prefix": dict(mha=TunerSpec("res_prefix", tokens, options={"mode": "exact"}), ffn=None),
-        "prompt": dict(mha=TunerSpec("res_prompt", tokens, options={"mode": "exact"}), ffn=None),
-        "adapter": dict(mha=None, ffn=TunerSpec("res_adapter", tokens, options={"reads": "output"})),
-    }
-    if form not in specs:
-        raise ValueError(f"form: expected one of {sorted(specs)}, got {form!r}")
-    tuned = get_restuning_model(copy.deepcopy(model), ResTuningConfig(**specs[form]))
+    presets = {"prefix": "prefix", "prompt": "vpt_deep", "adapter": "adapter"}  # the trainer's method names
+    if form not in presets:
+        raise ValueError(f"form: expected one of {sorted(presets)}, got {form!r}")
+    tuned = get_restuning_model(copy.deepcopy(model), preset_config(presets[form], model, {"dim": tokens}))
     sites = list(tuned.sites.values())
     bound_model = copy.deepcopy(model).requires_grad_(False)  # frozen, as any user of these methods has it
     if form == "prefix":

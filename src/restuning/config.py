@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-OP_KINDS = ("mha", "ffn", "block")
+OP_KINDS = ("mha", "ffn", "block", "xattn")
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,8 @@ class ResTuningConfig(DictConfig):
 
     Args:
         mha / ffn / block: the tuner on each op kind, or `None` for none. A string is a tuner name.
+        xattn: the tuner on each cross-attention (queries from the tokens, keys and values from another
+            sequence: the text encoder states of a Stable Diffusion UNet), or `None` (default).
         dim: default tuner size (paper: 10).
         layers: default block indices to tune (`None`: all). Paper Tables 14-15 tune subsets.
         target_modules: overrides where an op kind is found, by module name with PEFT's matching
@@ -86,8 +88,10 @@ class ResTuningConfig(DictConfig):
             `target_modules={"qv": r".*\\.(q_proj|v_proj)"}`.
         modules_to_save: names (PEFT matching rules) of extra modules trained and saved in full,
             such as a classification head.
-        family: force an op map (`vit`, `dinov2`, `bert`, `clip`) instead of detecting it;
-            `structural` forces the structural search.
+        family: force an op map (`vit`, `dinov2`, `bert`, `clip`, `convnext`, `resnet`, `efficientnet`,
+            `unet`, `unet_full`) instead of detecting it; `structural` forces the structural search.
+            A diffusers UNet is detected as `unet` (middle block and decoder, as in the paper);
+            `unet_full` adds its encoder (down blocks).
     """
 
     mha: TunerSpec | str | None = "res_adapter"
@@ -99,11 +103,11 @@ class ResTuningConfig(DictConfig):
     custom: dict[str, TunerSpec | str] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
     family: str | None = None
+    xattn: TunerSpec | str | None = None
 
     def __post_init__(self) -> None:
-        self.mha = TunerSpec.coerce(self.mha, "mha")
-        self.ffn = TunerSpec.coerce(self.ffn, "ffn")
-        self.block = TunerSpec.coerce(self.block, "block")
+        for kind in OP_KINDS:
+            setattr(self, kind, TunerSpec.coerce(getattr(self, kind), kind))
         if not isinstance(self.custom, dict):
             raise ConfigError(f"custom: expected a mapping of op kind to tuner, got {self.custom!r}")
         self.custom = {k: TunerSpec.coerce(v, f"custom.{k}") for k, v in self.custom.items()}

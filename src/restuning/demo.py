@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing as mp
-import resource
-import time
 from pathlib import Path
 from typing import Any
 
 from .train.config import DataConfig, MethodConfig, OptimConfig, TrainConfig
+from .train.isolated import run_isolated
 
 BACKBONES = {
     "all-MiniLM-L6-v2": DataConfig(name="tweets", train_size=1000, test_size=500, max_length=32),
     "dinov2-small": DataConfig(name="mnist", train_size=1000, test_size=500, image_size=56),
 }
 METHODS = ("linear", "restuning", "bypass")
+KEPT = ("train_examples", "trainable_params", "peak_memory_bytes", "seconds")
 
 
 def demo_configs(output_dir: str | Path, quick: bool = False) -> list[TrainConfig]:
@@ -42,33 +41,15 @@ def demo_configs(output_dir: str | Path, quick: bool = False) -> list[TrainConfi
     return configs
 
 
-def _run_one(config: TrainConfig, queue) -> None:
-    from .train.loop import Trainer
-
-    start = time.perf_counter()
-    trainer = Trainer(config, progress=False)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    result = trainer.run()
-    queue.put({"backbone": config.backbone, "method": config.method.name, "accuracy": result["test_accuracy"],
-               "epochs": config.optim.epochs, "train_examples": len(trainer.data.train),
-               "trainable_params": trainable,
-               "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               "seconds": time.perf_counter() - start})
-
-
 def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, json_path: str | Path | None = None
              ) -> list[dict[str, Any]]:
     """Run every (backbone, method) pair in its own process; print the table; optionally write JSON."""
-    context = mp.get_context("spawn")
     rows = []
     for config in demo_configs(output_dir, quick):
         print(f"training {config.backbone} with {config.method.name} ...", flush=True)
-        queue = context.Queue()
-        process = context.Process(target=_run_one, args=(config, queue))
-        process.start()
-        row = queue.get()
-        process.join()
-        rows.append(row)
+        result = run_isolated(config)
+        rows.append({"backbone": config.backbone, "method": config.method.name, "accuracy": result["test_accuracy"],
+                     "epochs": config.optim.epochs, **{k: result[k] for k in KEPT}})
     print()
     header = (f"{'backbone':<18} {'method':<10} {'accuracy':>8} {'trainable':>10} {'peak MiB':>9} {'epochs':>6} "
               f"{'seconds':>8}")

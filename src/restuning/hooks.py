@@ -12,6 +12,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -28,6 +29,33 @@ def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"]
     raise TypeError(f"cannot find the op's input among keyword arguments {sorted(kwargs)}")
+
+
+def extend_mask(mask: torch.Tensor | None, n: int, at_end: bool, rows: bool) -> torch.Tensor | None:
+    """Make `n` extra key columns visible in a transformers mask (additive float or boolean keep);
+    with `rows`, also add `n` query rows (their outputs are discarded)."""
+    if mask is None:
+        return None
+    visible = True if mask.dtype == torch.bool else 0.0
+    mask = F.pad(mask, (0, n) if at_end else (n, 0), value=visible)
+    if rows:
+        mask = F.pad(mask, (0, 0, 0, n), value=visible) if mask.shape[-2] > 1 else mask
+    return mask
+
+
+def with_input(args: tuple, kwargs: dict, x: torch.Tensor | None, extra: int) -> tuple[tuple, dict]:
+    """A block's call arguments with its input replaced by `x` (unless None) and its attention mask
+    (keyword, or second positional) extended by `extra` tokens at the end; for a forward pre-hook."""
+    if x is not None:
+        if args:
+            args = (x, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": x}
+    if "attention_mask" in kwargs:
+        kwargs = {**kwargs, "attention_mask": extend_mask(kwargs["attention_mask"], extra, True, True)}
+    elif len(args) > 1 and isinstance(args[1], torch.Tensor):
+        args = (args[0], extend_mask(args[1], extra, True, True), *args[2:])
+    return args, kwargs
 
 
 def add_to_output(output: Any, delta: torch.Tensor) -> Any:

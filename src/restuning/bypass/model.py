@@ -12,9 +12,9 @@ from .. import checkpoint
 from ..params import ParameterReport
 from .config import BypassConfig
 from .network import BypassTask
-from .taps import FeatureTaps, TapPlan, plan_taps
+from .taps import FeatureTaps, TapPlan
 
-METHOD = "restuning_bypass"
+METHOD = BypassTask.checkpoint_method
 
 
 class FrozenBackbone(ParameterReport, nn.Module):
@@ -41,6 +41,19 @@ class FrozenBackbone(ParameterReport, nn.Module):
         self.base_model.eval()  # frozen features: no dropout, no batch-norm statistics updates
         return self
 
+    def forward(self, *args: Any, features: list[torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+        """Backbone inputs as the backbone takes them; or `features=` already tapped (from a
+        `FeatureCache`), with `attention_mask=` where the pooling needs it."""
+        if features is None:
+            features = self.features(*args, **kwargs)
+        return self.forward_features(features, kwargs.get("attention_mask"))
+
+    def forward_features(
+        self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the subclass computes from the tapped features [x_0, ..., x_L]."""
+        raise NotImplementedError
+
     def features(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """One backbone forward without autograd: [x_0, x_1, ...] as tapped (channels-first for CNNs)."""
         return self.taps(lambda: self.base_model(*args, **kwargs))
@@ -59,16 +72,18 @@ class FrozenBackbone(ParameterReport, nn.Module):
 
 
 def _needed(task: BypassTask) -> int:
-    return max(task.layers) + 1
+    return task.needed
 
 
 class ResTuningBypassModel(FrozenBackbone):
     """Res-Tuning-Bypass on one task. `model(**inputs)` returns logits (B, num_classes), or the pooled
     final bypass state (B, width) when the config has no `num_classes`."""
 
+    task_class: type[BypassTask] = BypassTask
+
     def __init__(self, model: nn.Module, config: BypassConfig, task: BypassTask | None = None):
-        plan = task.plan if task is not None else plan_taps(model, config)
-        task = task if task is not None else _build_task(model, plan, config)
+        plan = task.plan if task is not None else self.task_class.plan_for(model, config)
+        task = task if task is not None else _build_task(model, plan, config, self.task_class)
         super().__init__(model, plan, _needed(task), task.first_token_only)
         self.bypass_config = config
         self.task = task
@@ -80,13 +95,6 @@ class ResTuningBypassModel(FrozenBackbone):
     @property
     def head(self) -> nn.Module:
         return self.task.head
-
-    def forward(self, *args: Any, features: list[torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
-        """Backbone inputs as the backbone takes them; or `features=` already tapped (from a
-        `FeatureCache`), with `attention_mask=` where the pooling needs it."""
-        if features is None:
-            features = self.features(*args, **kwargs)
-        return self.forward_features(features, kwargs.get("attention_mask"))
 
     def forward_features(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
@@ -104,7 +112,7 @@ class ResTuningBypassModel(FrozenBackbone):
         cls, model: nn.Module, directory: str | Path, is_trainable: bool = False
     ) -> ResTuningBypassModel:
         """Build the saved task on `model`. Everything is checked before the backbone is touched."""
-        task = load_task(model, Path(directory))
+        task = load_task(model, Path(directory), cls.task_class)
         tuned = cls(model, task.config, task)
         if not is_trainable:
             tuned.eval()
@@ -113,32 +121,35 @@ class ResTuningBypassModel(FrozenBackbone):
         return tuned
 
 
-def _build_task(model: nn.Module, plan: TapPlan, config: BypassConfig) -> BypassTask:
+def _build_task(model: nn.Module, plan: TapPlan, config: BypassConfig,
+                task_class: type[BypassTask] = BypassTask) -> BypassTask:
     ref = next(model.parameters())
-    return BypassTask(plan, config).to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    return task_class(plan, config).to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
 
 
 def save_task(task: BypassTask, backbone: nn.Module, directory: Path) -> None:
-    meta = {"method": METHOD, "config": task.config.to_dict(), "backbone": checkpoint.backbone_signature(backbone),
+    meta = {"method": task.checkpoint_method, "config": task.config.to_dict(),
+            "backbone": checkpoint.backbone_signature(backbone),
             "taps": {"points": list(task.plan.points), "widths": list(task.plan.widths)}}
     checkpoint.save(directory, task.state_dict(), meta)
 
 
-def load_task(model: nn.Module, directory: Path) -> BypassTask:
-    """Read and check a saved bypass task for `model`; nothing is attached to `model`."""
+def load_task(model: nn.Module, directory: Path, task_class: type[BypassTask] = BypassTask) -> BypassTask:
+    """Read and check a saved bypass task (of `task_class`) for `model`; nothing is attached to `model`."""
     meta, tensors = checkpoint.load(directory)
-    if meta.get("method") != METHOD:
-        raise checkpoint.CheckpointError(f"{directory}: holds a {meta.get('method')!r} checkpoint, not {METHOD}")
+    method = task_class.checkpoint_method
+    if meta.get("method") != method:
+        raise checkpoint.CheckpointError(f"{directory}: holds a {meta.get('method')!r} checkpoint, not {method}")
     checkpoint.check_backbone(meta, model, directory)
     config = BypassConfig.from_dict(meta["config"])
-    plan = plan_taps(model, config)
+    plan = task_class.plan_for(model, config)
     saved = meta.get("taps", {})
     if saved.get("points") != list(plan.points) or saved.get("widths") != list(plan.widths):
         raise checkpoint.CheckpointError(
             f"{directory}: the checkpoint taps {saved.get('points')} (widths {saved.get('widths')}), this backbone "
             f"{list(plan.points)} (widths {list(plan.widths)})"
         )
-    task = _build_task(model, plan, config)
+    task = _build_task(model, plan, config, task_class)
     checkpoint.check_tensors(tensors, task.state_dict(), directory)
     task.load_state_dict({k: v.to(task.state_dict()[k].dtype) for k, v in tensors.items()})
     return task

@@ -67,11 +67,15 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
     for kind, spec in specs.items():
         layers = spec.layers if spec.layers is not None else config.layers
         if kind in config.target_modules:
+            pool = stacks
             found = _override_sites(model, kind, config.target_modules[kind], stacks)
         else:
-            found = [site for stack in stacks for site in stack.sites(kind)]
+            pool = [stack for stack in stacks if stack.has(kind)]
+            if not pool:
+                stacks[0].sites(kind)  # raises, naming the family
+            found = [site for stack in pool for site in stack.sites(kind)]
         if layers is not None:
-            depth = max((s.offset + len(s.blocks) for s in stacks), default=0)
+            depth = max((s.offset + len(s.blocks) for s in pool), default=0)
             bad = [i for i in layers if not 0 <= i < depth]
             if bad:
                 raise OpMatchError(f"{kind}.layers: {bad} out of range; the backbone has blocks 0..{depth - 1}")
@@ -93,11 +97,16 @@ class BlockStack:
     family: FamilyMap
     offset: int = 0
 
+    def has(self, kind: str) -> bool:
+        if kind == "block":
+            return self.family.block_op
+        return getattr(self.family, kind, None) is not None
+
     def sites(self, kind: str) -> list[OpSite]:
-        if kind != "block" and getattr(self.family, kind) is None:
+        if not self.has(kind):
             raise OpMatchError(
-                f"the {self.family.name} family has no {kind} op (a CNN has blocks only); use block=..., or name "
-                "modules with target_modules"
+                f"the {self.family.name} family has no {kind} op (a CNN has blocks only; xattn needs a "
+                "cross-attention); use block=..., or name modules with target_modules"
             )
         return [self.site(kind, i) for i in range(len(self.blocks))]
 
@@ -107,10 +116,12 @@ class BlockStack:
         if kind == "block":
             entry = exit_ = prefix
         else:
-            rel_entry, rel_exit = fam.mha if kind == "mha" else fam.ffn
+            rel_entry, rel_exit = getattr(fam, kind)
             entry, exit_ = f"{prefix}.{rel_entry}", f"{prefix}.{rel_exit}"
         attention = None
-        if kind == "mha":
+        if kind == "xattn":
+            attention = _attention_site(self.model, entry)
+        elif kind == "mha":
             attention = AttentionSite(
                 query=f"{prefix}.{fam.query}",
                 key=f"{prefix}.{fam.key}",
@@ -146,14 +157,8 @@ def block_stacks(model: nn.Module, family: str | None = None) -> list[BlockStack
     """The lists of blocks of `model`: by its family map (or the forced `family`), else structurally."""
     fam = _choose_family(model, family)
     if fam is not None:
-        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
-                 and re.fullmatch(fam.blocks, n)]
-        if lists:
-            stacks, offset = [], 0
-            for n, m in lists:
-                stacks.append(BlockStack(model, n, list(m), fam, offset if fam.chained else 0))
-                offset += len(m)
-            _check_family_names(model, stacks[0])
+        stacks = [stack for part in (fam, *fam.parts) for stack in _family_stacks(model, part)]
+        if stacks:
             return stacks
         if family is not None:
             raise OpMatchError(
@@ -161,6 +166,19 @@ def block_stacks(model: nn.Module, family: str | None = None) -> list[BlockStack
                 f"{[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}"
             )
     return _structural_stacks(model)
+
+
+def _family_stacks(model: nn.Module, fam: FamilyMap) -> list[BlockStack]:
+    """The block lists that one family map (or one part of it) names, checked against the map."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
+             and re.fullmatch(fam.blocks, n)]
+    stacks, offset = [], 0
+    for n, m in lists:
+        stacks.append(BlockStack(model, n, list(m), fam, offset if fam.chained else 0))
+        offset += len(m)
+    if stacks:
+        _check_family_names(model, stacks[0])
+    return stacks
 
 
 def _choose_family(model: nn.Module, forced: str | None) -> FamilyMap | None:
@@ -175,7 +193,8 @@ def _choose_family(model: nn.Module, forced: str | None) -> FamilyMap | None:
 
 def _check_family_names(model: nn.Module, stack: BlockStack) -> None:
     fam, prefix = stack.family, f"{stack.name}.0"
-    names = {*(fam.mha or ()), *(fam.ffn or ()), fam.query, fam.key, fam.value, fam.out, fam.norm} - {None}
+    ops = {*(fam.mha or ()), *(fam.ffn or ()), *(fam.xattn or ())}
+    names = {*ops, fam.query, fam.key, fam.value, fam.out, fam.norm} - {None}
     present = {n for n, _ in stack.blocks[0].named_modules()}
     missing = sorted(n for n in names if n not in present)
     if missing:
@@ -271,18 +290,27 @@ def _override_sites(
         )
     sites = []
     for name in names:
-        layer, block = _layer_of(name, stacks)
-        attention = _attention_inside(model, name) if kind == "mha" else None
-        layout = stacks[0].family.layout if stacks else "tokens"
+        layer, block, stack = _layer_of(name, stacks)
+        attention = _attention_inside(model, name) if kind in ("mha", "xattn") else None
+        layout = (stack or stacks[0]).family.layout if stacks else "tokens"
         sites.append(_make_site(model, kind, layer, name, name, attention, block, layout))
     return sites
 
 
 def _attention_inside(model: nn.Module, name: str) -> AttentionSite | None:
     try:
-        fam = _structural_map_attention(_get(model, name))
+        return _attention_site(model, name)
     except OpMatchError:
         return None
+
+
+def _attention_site(model: nn.Module, name: str) -> AttentionSite:
+    """The attention whose q/k/v/out projections are found by name inside module `name`; no norm
+    (a cross-attention's keys come from another sequence, and an override names no norm)."""
+    try:
+        fam = _structural_map_attention(_get(model, name))
+    except OpMatchError as err:
+        raise OpMatchError(f"{name}: not an attention with q/k/v and one output projection ({err})") from err
     q, k, v, out = (f"{name}.{n}" for n in fam)
     return AttentionSite(q, k, v, out, None, _num_heads(model, q))
 
@@ -296,12 +324,12 @@ def _structural_map_attention(module: nn.Module) -> tuple[str, str, str, str]:
     return q, k, v, rest[0]
 
 
-def _layer_of(name: str, stacks: list[BlockStack]) -> tuple[int | None, str | None]:
+def _layer_of(name: str, stacks: list[BlockStack]) -> tuple[int | None, str | None, BlockStack | None]:
     for stack in stacks:
         if name.startswith(stack.name + "."):
             index = int(name[len(stack.name) + 1:].split(".")[0])
-            return stack.offset + index, f"{stack.name}.{index}"
-    return None, None
+            return stack.offset + index, f"{stack.name}.{index}", stack
+    return None, None, None
 
 
 def _one(linears: list[tuple[str, nn.Linear]], pattern: re.Pattern, where: str, role: str) -> str:

@@ -30,6 +30,13 @@ class FamilyMap:
     taps: str | None = None  # pattern of the containers whose children the bypass taps; None: the blocks
     final_norm: str | None = None  # pattern of the backbone's final norm, applied to the last bypass state
     norm_after_pool: bool = False  # the final norm works on the pooled vector (ConvNeXt)
+    # The cross-attention op (queries from the tokens, keys/values from another sequence); its q/k/v/out
+    # projections are found by name inside it, and no norm acts on the other sequence.
+    xattn: tuple[str, str] | None = None
+    # Further block lists of the same model with their own op maps (a UNet's ResNet blocks beside its
+    # transformer blocks). Each part numbers its blocks on its own.
+    parts: tuple[FamilyMap, ...] = ()
+    block_op: bool = True  # False: the blocks are not themselves "block" ops, only their inner ops are
 
 
 # Shared parts of the maps below.
@@ -37,6 +44,23 @@ _VISION_ATTENTION = dict(mha=("attention", "attention"), ffn=("mlp", "mlp"), que
                          key="attention.k_proj", value="attention.v_proj", out="attention.o_proj")
 _CNN = dict(mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None, layout="map", chained=True)
 _HF_STAGES = dict(blocks=r"(.*\.)?encoder\.stages\.\d+\.layers", taps=r"(.*\.)?encoder\.stages")
+
+# diffusers UNet2DConditionModel (Stable Diffusion v1.x layout). Its transformer blocks hold the token ops
+# (B, H*W, C) mha, xattn and ffn; its ResNet blocks are the block ops, on (B, C, H, W) maps. `unet` tunes
+# the middle block and the decoder, as the paper does; `unet_full` (`family="unet_full"`) adds the encoder.
+# Blocks are numbered in module order, which diffusers registers as down, up, then mid.
+_UNET_ATTENTION = dict(mha=("attn1", "attn1"), xattn=("attn2", "attn2"), ffn=("ff", "ff"), query="attn1.to_q",
+                       key="attn1.to_k", value="attn1.to_v", out="attn1.to_out.0", norm="norm1", chained=True,
+                       block_op=False)
+
+
+def _unet(name: str, class_names: tuple[str, ...], stages: str) -> FamilyMap:
+    return FamilyMap(
+        name=name, model_types=(), class_names=class_names,
+        blocks=rf"{stages}\.attentions\.\d+\.transformer_blocks", **_UNET_ATTENTION,
+        parts=(FamilyMap(name=f"{name}_resnets", model_types=(), blocks=rf"{stages}\.resnets", **_CNN),),
+    )
+
 
 FAMILIES: dict[str, FamilyMap] = {
     m.name: m
@@ -104,6 +128,8 @@ FAMILIES: dict[str, FamilyMap] = {
             blocks=r"_blocks",
             **_CNN,
         ),
+        _unet("unet", ("UNet2DConditionModel",), r"(.*\.)?(mid_block|up_blocks\.\d+)"),
+        _unet("unet_full", (), r"(.*\.)?(mid_block|(down|up)_blocks\.\d+)"),
     )
 }
 

@@ -13,9 +13,11 @@ from typing import Any
 
 import yaml
 
+from ..baselines.presets import PRESETS
 from ..config import ConfigError
 
-METHODS = ("restuning", "bypass", "linear", "full")
+METHODS = ("linear", "full", "restuning", "bypass", "bitfit", "vpt_shallow", "side_tuning", "lst", "peft_lora",
+           *PRESETS)
 DATA_NAMES = ("mnist", "digits", "tweets", "image_folder", "text_table", "hf")
 
 
@@ -63,8 +65,14 @@ class OptimConfig:
 
 @dataclass
 class MethodConfig:
-    """`name`: restuning | bypass | linear | full; `config`: the fields of `ResTuningConfig`
-    (restuning) or `BypassConfig` (bypass)."""
+    """`name`: one of `METHODS`; `config`: the method's options.
+
+    - restuning: the fields of `ResTuningConfig`; bypass: of `BypassConfig`; side_tuning: of
+      `SideTuningConfig`; lst: of `LSTConfig`; peft_lora: `peft.LoraConfig` fields.
+    - adapter, prefix, vpt_deep, lora, ssf, adaptformer, mam: Res-Tuner presets
+      (`restuning.baselines.PRESETS`), with `ResTuningConfig` fields merged over them.
+    - vpt_shallow: `tokens` (default 10). linear, full, bitfit: no options.
+    """
 
     name: str = "restuning"
     config: dict[str, Any] = field(default_factory=dict)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..bypass import FeatureCache, ResTuningBypassModel
+from ..bypass import FeatureCache
+from ..bypass.model import FrozenBackbone, ResTuningBypassModel
 from ..checkpoint import atomic_write_dir
 from ..config import ConfigError
 from ..data import LabelledData, few_shot, random_resized_crop
@@ -80,8 +81,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, progress: bool = True):
         self.config, self.progress = config, progress
         self.out = Path(config.output_dir)
-        # Full fine-tuning trains parameters the loss may not reach (a pooler after the last tap).
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=config.method.name == "full")
+        # Full fine-tuning and BitFit train parameters the loss may not reach (DINOv2's mask token).
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=config.method.name in ("full", "bitfit"))
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # without it, Accelerate runs torchrun's CPU processes apart
             mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum,
@@ -125,10 +126,11 @@ class Trainer:
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = acc.prepare(get_cosine_schedule_with_warmup(optimizer, min(warmup, steps - 1), steps))
-        start_epoch, start_step, losses = self._resume(optimizer, scheduler)
+        # A finished run resumed returns its last record.
+        start_epoch, start_step, losses, result = self._resume(optimizer, scheduler)
         cached = self._feature_cache()
         labels = self.data.train.labels
-        done, result = 0, {}
+        done = 0
         for epoch in range(start_epoch, cfg.optim.epochs):
             model.train()
             loader.set_epoch(epoch)
@@ -161,8 +163,10 @@ class Trainer:
                 if stop_after_steps is not None and done >= stop_after_steps:
                     return {"stopped": True}
             start_step = 0
+            seconds = time.perf_counter() - began
             record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
-                      "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - began}
+                      "lr": scheduler.get_last_lr()[0], "epoch_seconds": seconds,
+                      "step_seconds": seconds / max(len(loader) - first, 1)}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
                 record.update(self.evaluate())
             if epoch + 1 == cfg.optim.epochs:
@@ -175,7 +179,7 @@ class Trainer:
 
     def _feature_cache(self):
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if not isinstance(unwrapped, ResTuningBypassModel) or self.config.data.augment:
+        if not isinstance(unwrapped, FrozenBackbone) or self.config.data.augment:
             return None
         return FeatureCache().get(unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
@@ -227,10 +231,11 @@ class Trainer:
 
         atomic_write_dir(self.out / CHECKPOINT, write)
 
-    def _resume(self, optimizer, scheduler) -> tuple[int, int, list[float]]:
+    def _resume(self, optimizer, scheduler) -> tuple[int, int, list[float], dict[str, Any]]:
+        """(epoch, step, losses so far in that epoch, the last epoch's record) of the checkpoint."""
         directory = self.out / CHECKPOINT
         if not (directory / "state.pt").is_file():
-            return 0, 0, []
+            return 0, 0, [], {}
         state = torch.load(directory / "state.pt", weights_only=True)  # tensors and numbers only, no code
         tensors = load_file(str(directory / "trainable.safetensors"))
         model = self.accelerator.unwrap_model(self.model)
@@ -246,7 +251,7 @@ class Trainer:
         record = json.loads(state["record"])
         if record is not None and record["epoch"] not in self._logged_epochs():  # killed before logging it
             self._log(record)
-        return state["epoch"], state["step"], state["losses"].tolist()
+        return state["epoch"], state["step"], state["losses"].tolist(), record or {}
 
     def _logged_epochs(self) -> set[int]:
         path = self.out / METRICS

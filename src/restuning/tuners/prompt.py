@@ -3,6 +3,8 @@
 On an MHA (paper eq. 5) `K_pro = N(p) W_k + b_k`, `V_pro = N(p) W_v + b_v`, with N the block's frozen
 pre-norm (identity for a post-norm block), then the Res-Prefix mixing: in mode "exact" this equals
 VPT-deep (prompts joined to every block's input and dropped after it) for the real tokens.
+On a cross-attention the prompts live where its keys come from (width of W_k's input, no norm): in mode
+"exact" this equals joining them to that attention's other sequence (the text states of a UNet).
 On any other op the prompts are used directly as keys and values.
 """
 
@@ -27,7 +29,8 @@ class ResPrompt(_PrefixLike):
                 f"res_prompt off an attention needs equal input and output widths, got "
                 f"{ctx.in_features} -> {ctx.out_features}"
             )
-        self.prompt = nn.Parameter(torch.randn(dim, ctx.in_features))
+        width = ctx.attention.key.in_features if ctx.attention is not None else ctx.in_features
+        self.prompt = nn.Parameter(torch.randn(dim, width))
 
     def prefix_kv(self):
         if self._attention is None:

@@ -1,0 +1,78 @@
+"""LST, ladder side-tuning (Sung et al., 2022): a narrow side transformer fed by gated "ladders" of
+down-projected backbone features.
+
+    h = D_0(x_0);   for l = 1..L:  h = mu_l * D_l(x_l) + (1 - mu_l) * h;  h = S_l(h)
+    mu_l = sigmoid(alpha_l / T),  alpha_l = 0 at init
+
+`x_l` come from a backbone run without autograd (LST's detached features), `D_l` are linear
+down-projections to `width = D / reduction`, `S_l` pre-norm transformer layers of that width, and a
+LayerNorm, the pooling and a linear head read the last `h`. LST initialises `S_l` from pruned backbone
+weights and up-projects `h` for a frozen LM head; here `S_l` start at random (PyTorch's default
+initialisation) and the trained head reads `h` directly, since an up-projection before a linear head
+adds nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..bypass.network import pool
+from ..config import ConfigError, DictConfig
+from .side_network import SideNetworkModel, check_pooling, padding_mask, side_block
+
+METHOD = "lst"
+
+
+@dataclass
+class LSTConfig(DictConfig):
+    """Args:
+    num_classes: size of the linear head.
+    reduction: side width = backbone width / reduction (LST: 8).
+    heads: side attention heads; temperature: T of the gates (LST: 0.1).
+    pooling: as in `BypassConfig` (auto | cls | mean); family: force an op map.
+    """
+
+    num_classes: int = 2
+    reduction: int = 8
+    heads: int = 4
+    temperature: float = 0.1
+    pooling: str = "auto"
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("num_classes", "reduction", "heads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"lst {key}: expected a positive integer, got {value!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise ConfigError(f"lst temperature: expected a positive number, got {self.temperature!r}")
+        check_pooling(self.pooling, METHOD)
+
+
+class LadderSideTuning(SideNetworkModel):
+    """`model(**inputs)` -> logits (B, num_classes)."""
+
+    def __init__(self, model: nn.Module, config: LSTConfig):
+        super().__init__(model, config.pooling, config.family, METHOD)
+        self.config = config
+        widths = self.plan.widths
+        width = max(config.heads, widths[-1] // config.reduction // config.heads * config.heads)
+        self.downs = nn.ModuleList(nn.Linear(w, width) for w in widths)
+        self.gates = nn.Parameter(torch.zeros(len(widths) - 1))
+        self.blocks = nn.ModuleList(side_block(width, config.heads) for _ in widths[1:])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, config.num_classes)
+        self._place()
+
+    def forward_features(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """features: [x_0 (B, T, D_0), ..., x_L (B, T, D_L)]. Returns logits (B, num_classes)."""
+        h, padding = self.downs[0](features[0]), padding_mask(attention_mask)
+        mu = torch.sigmoid(self.gates / self.config.temperature)
+        for layer in range(1, len(features)):
+            h = mu[layer - 1] * self.downs[layer](features[layer]) + (1 - mu[layer - 1]) * h
+            h = self.blocks[layer - 1](h, src_key_padding_mask=padding)
+        return self.head(pool(self.norm(h), self.plan.pooling, attention_mask))

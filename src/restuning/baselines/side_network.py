@@ -1,0 +1,45 @@
+"""What Side-Tuning and LST share: a frozen backbone read through taps (no autograd, as the bypass),
+a small side transformer over tokens, and a classification head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..bypass import BypassConfig, plan_taps
+from ..bypass.model import FrozenBackbone
+from ..config import ConfigError
+
+
+def side_block(width: int, heads: int) -> nn.TransformerEncoderLayer:
+    """One pre-norm transformer layer of the side network, (B, T, width) -> (B, T, width)."""
+    if width % heads:
+        raise ConfigError(f"side network: width {width} is not divisible by heads {heads}")
+    return nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                      norm_first=True)
+
+
+def check_pooling(pooling: str, what: str) -> None:
+    if pooling not in ("auto", "cls", "mean"):
+        raise ConfigError(f"{what} pooling: expected auto, cls or mean, got {pooling!r}")
+
+
+def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A transformers keep-mask (B, T) of 1/0 as the padding mask of `nn.TransformerEncoderLayer`."""
+    return None if attention_mask is None else ~attention_mask.bool()
+
+
+class SideNetworkModel(FrozenBackbone):
+    """Base of the side-network baselines: taps every layer of a frozen token backbone."""
+
+    def __init__(self, model: nn.Module, pooling: str, family: str | None, what: str):
+        plan = plan_taps(model, BypassConfig(pooling=pooling, family=family))
+        if plan.layout != "tokens":
+            raise ConfigError(f"{what}: the side network reads tokens (B, T, D); this backbone gives feature maps")
+        super().__init__(model, plan, plan.depth)
+
+    def _place(self) -> None:
+        ref = next(self.base_model.parameters())
+        for name, child in self.named_children():
+            if name != "base_model":
+                child.to(device=ref.device, dtype=ref.dtype)

@@ -1,0 +1,76 @@
+"""Side-Tuning (Zhang et al., 2020): an additive side network in parallel to all the backbone's blocks.
+
+    out = a * x_L + (1 - a) * side(x_0),   a = sigmoid(blend)
+
+`x_0` is the input of the first block and `x_L` the output of the last, both from a backbone run
+without autograd, so nothing is back-propagated into it. `side` is a small transformer of its own
+(down-projection, `depth` layers, zero-initialised up-projection) and the backbone's own read-out
+(final norm, pooling) and a linear head follow the blend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..bypass.network import read_out
+from ..config import ConfigError, DictConfig
+from .side_network import SideNetworkModel, check_pooling, padding_mask, side_block
+
+METHOD = "side_tuning"
+
+
+@dataclass
+class SideTuningConfig(DictConfig):
+    """Args:
+    num_classes: size of the linear head.
+    width: side transformer width (`None`: a quarter of the backbone's).
+    depth: side transformer layers; heads: its attention heads.
+    blend_init: initial `blend` logit (0: `a = 0.5`).
+    pooling: as in `BypassConfig` (auto | cls | mean); family: force an op map.
+    """
+
+    num_classes: int = 2
+    width: int | None = None
+    depth: int = 2
+    heads: int = 4
+    blend_init: float = 0.0
+    pooling: str = "auto"
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("num_classes", "depth", "heads") + (("width",) if self.width is not None else ()):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"side_tuning {key}: expected a positive integer, got {value!r}")
+        check_pooling(self.pooling, METHOD)
+
+
+class SideTuning(SideNetworkModel):
+    """`model(**inputs)` -> logits (B, num_classes)."""
+
+    def __init__(self, model: nn.Module, config: SideTuningConfig):
+        super().__init__(model, config.pooling, config.family, METHOD)
+        self.config = config
+        dim = self.plan.widths[-1]
+        width = config.width or max(config.heads, dim // 4 // config.heads * config.heads)
+        self.down = nn.Linear(self.plan.widths[0], width)
+        self.blocks = nn.ModuleList(side_block(width, config.heads) for _ in range(config.depth))
+        self.up = nn.Linear(width, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.blend = nn.Parameter(torch.tensor(float(config.blend_init)))
+        self.head = nn.Linear(dim, config.num_classes)
+        self._place()
+
+    def forward_features(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """features: [x_0 (B, T, D0), ..., x_L (B, T, D)]. Returns logits (B, num_classes)."""
+        h, padding = self.down(features[0]), padding_mask(attention_mask)
+        for block in self.blocks:
+            h = block(h, src_key_padding_mask=padding)
+        a = torch.sigmoid(self.blend)
+        mixed = a * features[-1] + (1 - a) * self.up(h)
+        return self.head(read_out(mixed, self.plan, attention_mask, self.final_norm))

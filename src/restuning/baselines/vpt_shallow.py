@@ -1,0 +1,62 @@
+"""VPT-shallow (Jia et al., 2022): n learnable prompt tokens joined to the input of the first block only.
+
+They then pass through every block like the other tokens and are dropped after the last block, so the
+read-out sees the original tokens. Attention is blind to token order (position embeddings are added
+before the first block), so joining the prompts at the end equals VPT's placement after [CLS].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..hooks import first_input, output_tensor, with_input
+from ..ops import block_stacks, widths
+from ..params import ParameterReport
+
+
+class VPTShallow(ParameterReport, nn.Module):
+    """Prompts (n, D) joined at block 0; later blocks get their attention masks widened by n.
+    Calls go to the backbone with its own arguments; its parameters stay as they are (freeze them)."""
+
+    def __init__(self, model: nn.Module, tokens: int = 10, family: str | None = None):
+        super().__init__()
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise ConfigError(f"vpt_shallow tokens: expected a positive integer, got {tokens!r}")
+        stacks = block_stacks(model, family)
+        if stacks[0].family.layout != "tokens" or len(stacks) != 1:
+            raise ConfigError("vpt_shallow needs one stack of transformer blocks over tokens")
+        self.base_model, self.tokens = model, tokens
+        blocks = stacks[0].blocks
+        ref = next(blocks[0].parameters())
+        width = widths(blocks[0], "vpt_shallow: block 0")[0]
+        self.prompts = nn.Parameter(torch.empty(tokens, width, dtype=ref.dtype, device=ref.device))
+        nn.init.uniform_(self.prompts, -0.1, 0.1)  # narrow, like VPT's Xavier-uniform prompts
+        self.handles = [blocks[0].register_forward_pre_hook(self._join, with_kwargs=True)]
+        self.handles += [b.register_forward_pre_hook(self._widen, with_kwargs=True) for b in blocks[1:]]
+        self.handles.append(blocks[-1].register_forward_hook(self._drop))
+
+    def _join(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = first_input(args, kwargs)
+        prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
+        return with_input(args, kwargs, torch.cat([x, prompts], dim=1), self.tokens)
+
+    def _widen(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return with_input(args, kwargs, None, self.tokens)
+
+    def _drop(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        out = output_tensor(output)[:, : -self.tokens]
+        return out if isinstance(output, torch.Tensor) else (out, *output[1:])
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def remove(self) -> nn.Module:
+        """Detach the hooks; return the backbone as it was."""
+        for handle in self.handles:
+            handle.remove()
+        return self.base_model
+

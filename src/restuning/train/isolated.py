@@ -1,0 +1,49 @@
+"""Run one training config in a fresh process, so that its peak memory is its own."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+from typing import Any
+
+from .config import TrainConfig
+
+
+def _run(config: TrainConfig, threads: int | None, queue) -> None:
+    import torch
+
+    from .loop import Trainer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        trainer = Trainer(config, progress=False)
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        backbone = sum(p.numel() for p in trainer.backbone.model.parameters())
+        result = trainer.run()
+        queue.put({**result, "trainable_params": trainable, "backbone_params": backbone,
+                   "train_examples": len(trainer.data.train),
+                   "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   "seconds": time.perf_counter() - start})
+    except BaseException as error:  # noqa: BLE001  (reported to the parent, which raises it)
+        queue.put({"error": f"{type(error).__name__}: {error}"})
+        raise
+
+
+def run_isolated(config: TrainConfig, threads: int | None = None) -> dict[str, Any]:
+    """`Trainer(config).run()` in a spawned process (with `threads` torch threads, if given).
+
+    Returns its final record plus `trainable_params`, `backbone_params`, `train_examples`,
+    `peak_memory_bytes` (the process's resident peak: model, data, activations, optimizer and any
+    feature cache) and `seconds` (wall time, loading included)."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_run, args=(config, threads, queue))
+    process.start()
+    row = queue.get()
+    process.join()
+    if "error" in row:
+        raise RuntimeError(f"training {config.method.name} on {config.backbone} failed: {row['error']}")
+    return row
