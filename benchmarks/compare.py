@@ -14,6 +14,7 @@ cache, so their `step_seconds` is the side network's alone; their `seconds` incl
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -76,7 +77,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/compare"))
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's own choice)")
+    parser.add_argument("--summarize", type=Path, help="only print the table of the runs in this JSON")
+    parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = parser.parse_args()
+    if args.summarize:
+        rows = json.loads(args.summarize.read_text())["rows"]
+        add_ratios(rows)
+        print_table(rows)
+        write_markdown(rows, args.markdown)
+        return
     sizes = args.sizes or (["1000"] if args.quick else list(SIZES))
 
     rows, began = [], time.perf_counter()
@@ -102,6 +111,7 @@ def main() -> None:
     print(f"\n{len(rows)} runs in {time.perf_counter() - began:.0f} s\n")
     print_table(rows)
     write_json(args.json, report(rows, args))
+    write_markdown(rows, args.markdown)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -117,21 +127,52 @@ def report(rows: list[dict], args: argparse.Namespace) -> dict:
     return {"meta": {**machine(), "quick": args.quick, "seed": 0, "threads": args.threads}, "rows": rows}
 
 
-def print_table(rows: list[dict]) -> None:
+def _cells(rows: list[dict]):
     for task in dict.fromkeys(r["task"] for r in rows):
         for size in dict.fromkeys(r["train_set"] for r in rows):
             cell = [r for r in rows if r["task"] == task and r["train_set"] == size]
-            if not cell:
-                continue
-            print(f"{task}, train set {size}")
-            body = [[r["method"], r["group"], f"{100 * r['accuracy']:.1f}",
-                     f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_percent']:.2f}%)",
-                     f"{r['peak_memory_bytes'] / 2**20:,.0f}",
-                     "-" if r["memory_ratio_to_full"] is None else f"{r['memory_ratio_to_full']:.2f}",
-                     f"{1000 * r['step_seconds']:.1f}"] for r in cell]
-            table(["method", "group", "acc %", "params M (%)", "peak MiB", "mem / full", "ms / step"], body)
-            print()
+            if cell:
+                yield task, size, cell
 
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_markdown(rows: list[dict], path: Path | None) -> None:
+    """One Markdown table per task: accuracy on every training set; memory and time on the first."""
+    if path is None:
+        return
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        sizes = list(dict.fromkeys(r["train_set"] for r in rows if r["task"] == task))
+        head = ["method", "group", "trainable (% of backbone)", *(f"acc % ({s})" for s in sizes),
+                f"peak MiB ({sizes[0]})", "mem / full", "ms / step", "step / full"]
+        lines += [f"**{task}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+            by_size = {r["train_set"]: r for r in rows if r["task"] == task and r["method"] == method}
+            first = by_size.get(sizes[0]) or next(iter(by_size.values()))
+            params = f"{first['trainable_params']:,d} ({first['trainable_percent']:.2f}%)"
+            line = [f"`{method}`", first["group"], params,
+                    *(f"{100 * by_size[s]['accuracy']:.1f}" if s in by_size else "-" for s in sizes),
+                    f"{first['peak_memory_bytes'] / 2**20:,.0f}", _ratio(first["memory_ratio_to_full"]),
+                    f"{1000 * first['step_seconds']:.0f}", _ratio(first["step_ratio_to_full"])]
+            lines.append("| " + " | ".join(line) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
+
+
+def print_table(rows: list[dict]) -> None:
+    for task, size, cell in _cells(rows):
+        print(f"{task}, train set {size}")
+        body = [[r["method"], r["group"], f"{100 * r['accuracy']:.1f}",
+                 f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_percent']:.2f}%)",
+                 f"{r['peak_memory_bytes'] / 2**20:,.0f}",
+                 "-" if r["memory_ratio_to_full"] is None else f"{r['memory_ratio_to_full']:.2f}",
+                 f"{1000 * r['step_seconds']:.1f}"] for r in cell]
+        table(["method", "group", "acc %", "params M (%)", "peak MiB", "mem / full", "ms / step"], body)
+        print()
 
 if __name__ == "__main__":
     main()

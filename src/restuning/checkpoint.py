@@ -81,8 +81,11 @@ def load(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def backbone_signature(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "hidden_sizes", "depths", "embedding_size")  # the last three describe CNNs (ConvNeXt, ResNet)
-    sig = {k: getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), (int, str, list))}
+            "hidden_sizes", "depths", "embedding_size",  # these three describe CNNs (ConvNeXt, ResNet)
+            "block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels", "out_channels")  # UNets
+    values = {k: getattr(cfg, k, None) for k in keys}
+    sig = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()
+           if isinstance(v, (int, str, list, tuple))}
     return {"class": type(model).__name__, **sig}
 
 

@@ -1,4 +1,4 @@
-"""The `restuning` command line: train, eval and demo."""
+"""The `restuning` command line: train, eval, predict, plot and demo; diffusion-train, generate and fd."""
 
 from __future__ import annotations
 
@@ -66,6 +66,88 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diffusion_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .diffusion.data import DataError
+    from .diffusion.train import train_diffusion
+    from .diffusion.train_config import load_diffusion_config
+
+    try:
+        config = load_diffusion_config(args.config, _overrides(args.set))
+    except ConfigError as err:
+        print(f"error in {args.config}: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = train_diffusion(config, progress=not args.no_progress)
+    except (ConfigError, DataError) as err:
+        print(f"diffusion-train: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .diffusion.generate import generate, load_for_generation
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("generate: give --prompt TEXT (repeatable) or --prompts-file", file=sys.stderr)
+        return 2
+    try:
+        components, denoiser, tasks = load_for_generation(args.run or [], args.model)
+    except ConfigError as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return 2
+    device = args.device or _default_device()
+    components.to(device)
+    if denoiser is not None:
+        denoiser.to(device)
+    task_ids = None
+    if tasks is not None:  # several bypass runs: prompt i goes to run i, or one prompt to every run
+        if len(prompts) == 1:
+            prompts = prompts * len(tasks)
+        if len(prompts) != len(tasks):
+            print(f"generate: {len(tasks)} runs need one prompt each or a single prompt, got {len(prompts)}",
+                  file=sys.stderr)
+            return 2
+        task_ids = tasks
+    prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
+    task_ids = None if task_ids is None else [t for t in task_ids for _ in range(args.num_per_prompt)]
+    generate(components, prompts, denoiser=denoiser, seeds=args.seed, steps=args.steps, guidance=args.guidance,
+             height=args.height, width=args.width, task_ids=task_ids, batch_size=args.batch_size,
+             out_dir=args.out, progress=not args.no_progress)
+    print(json.dumps({"images": len(prompts), "out": str(args.out)}))
+    return 0
+
+
+def _fd(args: argparse.Namespace) -> int:
+    from .diffusion.metrics import FIDUnavailable, fd_dinov2, fid, load_image_folder
+
+    device = args.device or _default_device()
+    try:
+        generated = load_image_folder(args.generated, args.crop)
+        reference = load_image_folder(args.reference, args.crop)
+        if args.features == "dinov2":
+            value = fd_dinov2(generated, reference, size=args.size, batch_size=args.batch_size, device=device)
+        else:
+            value = fid(generated, reference, args.inception, batch_size=args.batch_size, device=device)
+    except (FIDUnavailable, ValueError) as err:
+        print(f"fd: {err}", file=sys.stderr)
+        return 2
+    name = "fd_dinov2" if args.features == "dinov2" else "fid"
+    print(json.dumps({name: value, "generated": len(generated), "reference": len(reference)}))
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="restuning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +174,38 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="smaller data and 2 epochs")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.set_defaults(func=_demo)
+    dt = sub.add_parser("diffusion-train", help="text-to-image fine-tuning of a diffusion UNet (YAML config)")
+    dt.add_argument("--config", required=True, help="YAML file (see examples/diffusion_mnist_restuning.yaml)")
+    dt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. optim.max_steps=10")
+    dt.add_argument("--no-progress", action="store_true")
+    dt.set_defaults(func=_diffusion_train)
+    gen = sub.add_parser("generate", help="sample images (PLMS, classifier-free guidance) from a base model or runs")
+    gen.add_argument("--run", action="append", help="a diffusion-train output_dir; several bypass runs share one "
+                     "UNet forward per step (multi-task), prompt i going to run i")
+    gen.add_argument("--model", help="sample from a base model instead: 'tiny' or a Stable Diffusion folder")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="one prompt per line")
+    gen.add_argument("--num-per-prompt", type=int, default=1)
+    gen.add_argument("--steps", type=int, default=50, help="PLMS steps (default 50)")
+    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    gen.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--batch-size", type=int)
+    gen.add_argument("--out", default="samples", help="folder for the PNGs and prompts.jsonl")
+    gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--no-progress", action="store_true")
+    gen.set_defaults(func=_generate)
+    fd = sub.add_parser("fd", help="Frechet distance between two image folders: FD-DINOv2 (offline) or FID")
+    fd.add_argument("--generated", required=True, help="folder of generated images")
+    fd.add_argument("--reference", required=True, help="folder of reference images")
+    fd.add_argument("--features", choices=("dinov2", "inception"), default="dinov2")
+    fd.add_argument("--inception", help="TorchScript Inception-v3 feature extractor (for --features inception)")
+    fd.add_argument("--size", type=int, default=224, help="DINOv2 input size, a multiple of 14")
+    fd.add_argument("--crop", type=int, help="centre-crop all images to this square first (mixed sizes)")
+    fd.add_argument("--batch-size", type=int, default=32)
+    fd.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    fd.set_defaults(func=_fd)
     args = parser.parse_args(argv)
     return args.func(args)
 

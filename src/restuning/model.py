@@ -12,6 +12,7 @@ from torch import nn
 
 from . import checkpoint
 from .bypass import BypassConfig, ResTuningBypassModel
+from .bypass.taps import is_unet
 from .config import ConfigError, ResTuningConfig
 from .hooks import Attachment
 from .ops import OpSite, find_ops, name_matches
@@ -178,9 +179,13 @@ class ResTuningModel(ParameterReport, nn.Module):
 def get_restuning_model(model: nn.Module, config: ResTuningConfig | BypassConfig | None = None):
     """Freeze `model` and attach what `config` describes: Res-Tuners in parallel to its ops
     (`ResTuningConfig`, default: Dual Res-Adapters) -> `ResTuningModel`, or a detached bypass network
-    (`BypassConfig`) -> `ResTuningBypassModel`."""
+    (`BypassConfig`) -> `ResTuningBypassModel` (`UNetBypassModel` for a diffusers UNet)."""
     config = config if config is not None else ResTuningConfig()
     if isinstance(config, BypassConfig):
+        if is_unet(model):
+            from .diffusion.bypass import UNetBypassModel  # on demand: the diffusion package is optional
+
+            return UNetBypassModel(model, config)
         return ResTuningBypassModel(model, config)
     if not isinstance(config, ResTuningConfig):
         raise ConfigError(f"expected a ResTuningConfig or BypassConfig, got {type(config).__name__}")

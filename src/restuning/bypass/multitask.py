@@ -13,7 +13,6 @@ from ..config import ConfigError
 from .config import BypassConfig
 from .model import FrozenBackbone, ResTuningBypassModel, _build_task, _needed, load_task, save_task
 from .network import BypassTask
-from .taps import plan_taps
 
 TaskSource = ResTuningBypassModel | BypassTask | BypassConfig | str | Path
 
@@ -25,10 +24,16 @@ class MultiTaskBypass(FrozenBackbone):
     `task_ids=[...]` (one task name or index per sample) it returns a list with each sample's answer
     from its own task. Adding or removing a task changes only the taps and the task table, never the
     backbone's weights.
+
+    Subclasses for other backbones set `task_class` and `single_class`, and may change how a task's
+    answer is read out (`_run`) and how per-sample answers are put together (`_gather`).
     """
 
+    task_class: type[BypassTask] = BypassTask
+    single_class: type[ResTuningBypassModel] = ResTuningBypassModel
+
     def __init__(self, model: nn.Module, tasks: Mapping[str, TaskSource] | None = None):
-        plan = plan_taps(model, BypassConfig())
+        plan = self.task_class.plan_for(model, BypassConfig())
         super().__init__(model, plan, needed=1)
         self.tasks = nn.ModuleDict()
         for name, source in (tasks or {}).items():
@@ -41,14 +46,15 @@ class MultiTaskBypass(FrozenBackbone):
             raise ValueError(f"task name {name!r}: expected a non-empty string without '.'")
         if name in self.tasks:
             raise ValueError(f"task {name!r} already exists; tasks: {list(self.tasks)}")
-        if isinstance(source, ResTuningBypassModel):
+        kind = self.task_class
+        if isinstance(source, self.single_class):
             task = source.task
-        elif isinstance(source, BypassTask):
+        elif isinstance(source, kind):
             task = source
         elif isinstance(source, BypassConfig):
-            task = _build_task(self.base_model, plan_taps(self.base_model, source), source)
+            task = _build_task(self.base_model, kind.plan_for(self.base_model, source), source, kind)
         elif isinstance(source, (str, Path)):
-            task = load_task(self.base_model, Path(source))
+            task = load_task(self.base_model, Path(source), kind)
         else:
             raise ConfigError(f"task {name!r}: expected a bypass model, task, BypassConfig or checkpoint folder, "
                               f"got {type(source).__name__}")
@@ -69,7 +75,7 @@ class MultiTaskBypass(FrozenBackbone):
         self._retap(max(_needed(t) for t in tasks), all(t.first_token_only for t in tasks))
 
     def save_task(self, name: str, directory: str | Path) -> None:
-        """Save one task as a checkpoint that `ResTuningBypassModel.from_pretrained` also reads."""
+        """Save one task as a checkpoint that the single-task model's `from_pretrained` also reads."""
         save_task(self.tasks[name], self.base_model, Path(directory))
 
     # --- inference -----------------------------------------------------------------------------
@@ -80,9 +86,8 @@ class MultiTaskBypass(FrozenBackbone):
             raise RuntimeError("MultiTaskBypass has no tasks; add one with add_task")
         features = self.features(*args, **kwargs)
         mask = kwargs.get("attention_mask")
-        norm = self.final_norm
         if task_ids is None:
-            return {name: task(features, mask, norm) for name, task in self.tasks.items()}
+            return {name: self._run(task, features, mask) for name, task in self.tasks.items()}
         names = self._task_names(task_ids, features[0].shape[0])
         answers: list[torch.Tensor | None] = [None] * len(names)
         for name, task in self.tasks.items():
@@ -90,10 +95,18 @@ class MultiTaskBypass(FrozenBackbone):
             if not rows:
                 continue
             index = torch.tensor(rows, device=features[0].device)
-            out = task([f.index_select(0, index) for f in features],
-                       None if mask is None else mask.index_select(0, index), norm)
+            out = self._run(task, [f.index_select(0, index) for f in features],
+                            None if mask is None else mask.index_select(0, index))
             for row, value in zip(rows, out, strict=True):
                 answers[row] = value
+        return self._gather(answers)
+
+    def _run(self, task: BypassTask, features: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """One task's answer for the samples whose features are given."""
+        return task(features, mask, self.final_norm)
+
+    def _gather(self, answers: list[torch.Tensor]) -> Any:
+        """Per-sample answers (each from its own task), in batch order; here the list itself."""
         return answers
 
     def _task_names(self, task_ids: Sequence[str | int] | torch.Tensor, batch: int) -> list[str]:

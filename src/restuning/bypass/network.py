@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import TunerSpec
+from ..config import ConfigError, TunerSpec
 from ..spatial import resample
 from ..tuners import OpContext, ResTuner, build_tuner
 from .config import BypassConfig
-from .taps import TapPlan
+from .taps import TapPlan, is_unet, plan_taps
 
 
 class Residual(nn.Module):
@@ -106,7 +106,19 @@ class BypassTask(nn.Module):
 
     It reads tapped features and knows nothing else of the backbone, so several tasks can share one
     backbone forward. The backbone's frozen final norm is passed in by the owner of the backbone.
+    Subclasses for other backbones (the UNet's) change `plan_for`, `checkpoint_method` and the read-out.
     """
+
+    checkpoint_method = "restuning_bypass"
+
+    @classmethod
+    def plan_for(cls, model: nn.Module, config: BypassConfig) -> TapPlan:
+        """Where a task of this kind reads `model`; nothing is attached."""
+        if is_unet(model) and config.taps is None:
+            raise ConfigError("a diffusers UNet has its own bypass (middle and decoder blocks into its output head): "
+                              "restuning.get_restuning_model(unet, BypassConfig(...)), or restuning.diffusion's "
+                              "UNetBypassModel / UNetMultiTaskBypass")
+        return plan_taps(model, config)
 
     def __init__(self, plan: TapPlan, config: BypassConfig):
         super().__init__()
@@ -121,6 +133,11 @@ class BypassTask(nn.Module):
         )
         # The head reads the first token and nothing mixes tokens: the bypass on that token alone is exact.
         self.first_token_only = plan.layout == "tokens" and plan.pooling == "cls" and self.bypass.position_wise
+
+    @property
+    def needed(self) -> int:
+        """How many tapped layers the backbone must run to feed this task."""
+        return max(self.layers) + 1
 
     def forward(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None,

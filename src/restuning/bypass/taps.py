@@ -63,6 +63,12 @@ def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
                    bool(family and family.norm_after_pool))
 
 
+def is_unet(model: nn.Module) -> bool:
+    """A diffusers UNet2DConditionModel (the `unet` family), whose bypass is `restuning.diffusion.UNetBypassModel`."""
+    family = family_for_model(model)
+    return family is not None and family.name == "unet"
+
+
 def _default_points(model: nn.Module, stacks) -> list[str]:
     family = stacks[0].family
     if family.taps is None:
