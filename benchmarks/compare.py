@@ -50,7 +50,7 @@ METHODS = {
 SIZES = ("1000", "16-shot")
 
 
-def config_for(task: str, method: str, size: str, root: Path, quick: bool) -> TrainConfig:
+def config_for(task: str, method: str, size: str, root: Path, quick: bool, cache: bool = True) -> TrainConfig:
     backbone, data = TASKS[task]
     if size == "1000":
         data = dict(data, train_size=200 if quick else 1000)
@@ -64,8 +64,10 @@ def config_for(task: str, method: str, size: str, root: Path, quick: bool) -> Tr
     if METHODS[method][0] == "memory":
         epochs *= 2  # epochs from the feature cache cost little; the table shows seconds beside accuracy
     optim = OptimConfig(lr=METHODS[method][1], epochs=epochs, warmup_epochs=0.1 * epochs, batch_size=32)
+    name = f"{method}-{size}" + ("" if cache else "-nocache")
     return TrainConfig(backbone=backbone, method=MethodConfig(name=method), data=DataConfig(**data), optim=optim,
-                       seed=0, output_dir=str(root / task.replace("/", "-") / f"{method}-{size}"), eval_every=epochs)
+                       seed=0, output_dir=str(root / task.replace("/", "-") / name), eval_every=epochs,
+                       feature_cache=cache)
 
 
 def main() -> None:
@@ -77,6 +79,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/compare"))
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's own choice)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="run the backbone at every step instead of training from the feature cache")
+    parser.add_argument("--append", action="store_true", help="add these runs to the rows already in --json")
     parser.add_argument("--summarize", type=Path, help="only print the table of the runs in this JSON")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = parser.parse_args()
@@ -89,10 +94,12 @@ def main() -> None:
     sizes = args.sizes or (["1000"] if args.quick else list(SIZES))
 
     rows, began = [], time.perf_counter()
+    if args.append and args.json and args.json.is_file():
+        rows = json.loads(args.json.read_text())["rows"]
     for task in args.tasks:
         for size in sizes:
             for method in args.methods:
-                config = config_for(task, method, size, args.runs_dir, args.quick)
+                config = config_for(task, method, size, args.runs_dir, args.quick, cache=not args.no_cache)
                 shutil.rmtree(config.output_dir, ignore_errors=True)  # a fresh run, not a resumed one
                 r = run_isolated(config, args.threads)
                 rows.append({
@@ -102,7 +109,7 @@ def main() -> None:
                     "trainable_percent": 100 * r["trainable_params"] / r["backbone_params"],
                     "peak_memory_bytes": r["peak_memory_bytes"], "step_seconds": r["step_seconds"],
                     "seconds": r["seconds"], "epochs": config.optim.epochs, "train_examples": r["train_examples"],
-                    "lr": config.optim.lr,
+                    "lr": config.optim.lr, "feature_cache": config.feature_cache,
                 })
                 print(f"{task} {size} {method}: accuracy {r['test_accuracy']:.3f}, "
                       f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB, {r['seconds']:.0f} s", flush=True)
@@ -116,7 +123,7 @@ def main() -> None:
 
 def add_ratios(rows: list[dict]) -> None:
     """`memory_ratio_to_full` and `step_ratio_to_full`: against full fine-tuning on the same task and set."""
-    full = {(r["task"], r["train_set"]): r for r in rows if r["method"] == "full"}
+    full = {(r["task"], r["train_set"]): r for r in rows if r["method"] == "full"}  # one full run per cell
     for r in rows:
         ref = full.get((r["task"], r["train_set"]))
         r["memory_ratio_to_full"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"] if ref else None
@@ -135,6 +142,12 @@ def _cells(rows: list[dict]):
                 yield task, size, cell
 
 
+def label(r: dict) -> str:
+    """The method, marked where a backbone-detached method ran its backbone at every step."""
+    cached = r.get("feature_cache", True) or r["group"] != "memory"
+    return r["method"] if cached else f"{r['method']} (no cache)"
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -149,8 +162,8 @@ def write_markdown(rows: list[dict], path: Path | None) -> None:
         head = ["method", "group", "trainable (% of backbone)", *(f"acc % ({s})" for s in sizes),
                 f"peak MiB ({sizes[0]})", "mem / full", "ms / step", "step / full"]
         lines += [f"**{task}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
-            by_size = {r["train_set"]: r for r in rows if r["task"] == task and r["method"] == method}
+        for method in dict.fromkeys(label(r) for r in rows if r["task"] == task):
+            by_size = {r["train_set"]: r for r in rows if r["task"] == task and label(r) == method}
             first = by_size.get(sizes[0]) or next(iter(by_size.values()))
             params = f"{first['trainable_params']:,d} ({first['trainable_percent']:.2f}%)"
             line = [f"`{method}`", first["group"], params,
@@ -166,7 +179,7 @@ def write_markdown(rows: list[dict], path: Path | None) -> None:
 def print_table(rows: list[dict]) -> None:
     for task, size, cell in _cells(rows):
         print(f"{task}, train set {size}")
-        body = [[r["method"], r["group"], f"{100 * r['accuracy']:.1f}",
+        body = [[label(r), r["group"], f"{100 * r['accuracy']:.1f}",
                  f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_percent']:.2f}%)",
                  f"{r['peak_memory_bytes'] / 2**20:,.0f}",
                  "-" if r["memory_ratio_to_full"] is None else f"{r['memory_ratio_to_full']:.2f}",

@@ -232,6 +232,11 @@ def test_side_networks_start_from_the_backbone_and_learn(method):
         assert len(model.downs) == len(model.plan.points) + 1  # one ladder rung per layer, and x_0
 
 
+def test_vpt_shallow_refuses_a_causal_encoder():
+    with pytest.raises(ConfigError, match="causal"):
+        VPTShallow(CASES["clip_text"].model(), tokens=2)
+
+
 def test_side_networks_need_token_features():
     from conftest import CNN_CASES
 
@@ -244,3 +249,39 @@ def test_last_layer_classifier_counts_only_what_the_read_out_uses():
     assert isinstance(model, LastLayerClassifier)
     assert not any(p.requires_grad for p in model.runner.pooler.parameters())
     assert isinstance(build_classifier("restuning", CASES["bert"].model(), 2, {}).runner, ResTuningModel)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_vpt_shallow_prompts_never_attend_to_padding(attn):
+    """A padded sample gives what it gives alone without padding: the prompts, which are carried from
+    block to block, must not read the padding tokens (their query rows keep the key padding mask)."""
+    case = CASES["bert"]
+    vpt = VPTShallow(case.model(attn).requires_grad_(False), tokens=3)
+    inputs = case.inputs()  # the second sample has 5 real tokens and 4 padding tokens
+    padded = hidden(vpt(**inputs))[1, :5]
+    ids = inputs["input_ids"][1:, :5]
+    alone = hidden(vpt(input_ids=ids, attention_mask=torch.ones_like(ids)))[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+
+
+def test_preset_overrides_of_dim_reach_every_preset():
+    """`{"dim": n}` sets the size of each preset's tuners, LoRA's rank included (default rank 8)."""
+    def sizes(method: str, config: dict) -> set[int]:
+        runner = build_classifier(method, CASES["vit"].model(), 2, config).runner
+        return {t.lora_A.shape[0] for t in runner.tuners.values()}
+
+    assert sizes("lora", {}) == {8}
+    assert sizes("lora", {"dim": 16}) == {16}
+
+
+def test_peft_lora_alpha_follows_its_rank_as_ours_does():
+    """Our LoRA scales by alpha/r = 1 at any rank; PEFT's, with `lora_alpha` not given, does the same."""
+    pytest.importorskip("peft")
+    theirs = build_classifier("peft_lora", CASES["vit"].model(), 3, {"r": 4})
+    layers = [m for m in theirs.runner.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
+    assert layers and all(m.scaling["default"] == 1.0 and m.r["default"] == 4 for m in layers)
+    explicit = build_classifier("peft_lora", CASES["vit"].model(), 3, {"r": 4, "lora_alpha": 8})
+    assert {m.scaling["default"] for m in explicit.runner.modules() if isinstance(getattr(m, "scaling", None), dict)} \
+        == {2.0}
+    ours = build_classifier("lora", CASES["vit"].model(), 3, {"dim": 4}).runner
+    assert {t.scaling for t in ours.tuners.values()} == {1.0}

@@ -302,3 +302,14 @@ def test_mean_pooling_keeps_every_token():
     model = _bypass("bert")
     assert model.plan.pooling == "mean" and not model.task.first_token_only
     assert model.features(**CASES["bert"].inputs())[1].shape[1] == 9
+
+
+@pytest.mark.parametrize("name", ["convnext", "vit"])
+def test_bypass_runs_under_bf16_autocast(name):
+    """Projections between stages of other widths return bf16 under autocast; the gated sum still works."""
+    case = ALL_CASES[name]
+    model = restuning.get_restuning_model(case.model(), BypassConfig(num_classes=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**case.inputs())
+    logits.float().sum().backward()
+    assert logits.shape == (2, 3) and model.bypass.theta.grad is not None

@@ -343,3 +343,54 @@ def test_diffusion_examples_load():
     for path in paths:
         config = load_diffusion_config(path, {"optim.epochs": 1})
         assert config.optim.epochs == 1 and config.optim.batch_size == 8  # paper Table 11's batch
+
+
+def test_tiny_pipelines_do_not_share_a_mutable_text_encoder():
+    """Moving one pipeline's frozen parts (to a device or a lower dtype, as mixed precision does) leaves
+    the next pipeline built in the same process as it was."""
+    first = tiny_pipeline(0).to("cpu", torch.bfloat16)
+    second = tiny_pipeline(0)
+    assert next(first.text_encoder.parameters()).dtype == torch.bfloat16
+    assert second.text_encoder is not first.text_encoder
+    assert next(second.text_encoder.parameters()).dtype == torch.float32
+    assert second.encode_prompts(["a photo of the digit 3"]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("extra", [["--steps", "0"], ["--num-per-prompt", "0"], ["--batch-size", "-1"],
+                                   ["--height", "15"], ["--prompts-file", "/nonexistent/prompts.txt"]])
+def test_cli_generate_bad_arguments_are_clear_errors(tmp_path, capsys, extra):
+    assert main(["generate", "--model", "tiny", "--prompt", "a", "--out", str(tmp_path / "png"), "--no-progress",
+                 *extra]) == 2
+    assert "generate: " in capsys.readouterr().err
+    assert not (tmp_path / "png").exists()
+
+
+def test_peft_lora_denoiser_alpha_follows_its_rank():
+    pytest.importorskip("peft")
+    from restuning.diffusion.pipeline import tiny_unet
+    from restuning.diffusion.train import build_denoiser
+
+    for options, scaling in (({}, 1.0), ({"r": 8}, 1.0), ({"r": 8, "lora_alpha": 4}, 0.5)):
+        model = build_denoiser("peft_lora", tiny_unet(), options)
+        scales = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+        assert scales == {scaling}, options
+
+
+@pytest.mark.parametrize("method", [
+    ["--set", "method.name=peft_lora", "--set", "method.config={target_modules: [no_such_module]}"],
+    ["--set", "method.config={mha: null, ffn: null, xattn: res_adapter, layers: [99]}"],
+])
+def test_cli_diffusion_train_bad_methods_are_clear_errors(tmp_path, capsys, method):
+    example = str(EXAMPLES / "diffusion_mnist_restuning.yaml")
+    assert main(["diffusion-train", "--config", example, "--no-progress", "--set", f"output_dir={tmp_path}",
+                 *method]) == 2
+    assert "diffusion-train: " in capsys.readouterr().err
+
+
+def test_cli_generate_from_a_damaged_run_is_a_clear_error(tmp_path, capsys):
+    config = DiffusionTrainConfig(output_dir=str(tmp_path))
+    config.method.name = "bypass"
+    (tmp_path / "final" / "weights").mkdir(parents=True)
+    (tmp_path / "final" / "train_config.json").write_text(json.dumps(config.to_dict()))
+    assert main(["generate", "--run", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "png")]) == 2
+    assert "generate: " in capsys.readouterr().err

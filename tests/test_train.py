@@ -155,8 +155,10 @@ def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp
     trainer = Trainer(_config(tmp_path, "bypass"), progress=False)
     assert trainer._feature_cache() is not None
     cached = trainer.run()
-    direct = Trainer(_config(tmp_path / "direct", "bypass"), progress=False)
-    direct._feature_cache = lambda: None  # recompute the backbone at every step instead
+    uncached = _config(tmp_path / "direct", "bypass")
+    uncached.feature_cache = False  # recompute the backbone at every step instead
+    direct = Trainer(uncached, progress=False)
+    assert direct._feature_cache() is None
     recomputed = direct.run()
     assert cached["train_loss"] == pytest.approx(recomputed["train_loss"], rel=1e-5)
     assert cached["test_accuracy"] == recomputed["test_accuracy"]

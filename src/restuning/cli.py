@@ -69,16 +69,22 @@ def _demo(args: argparse.Namespace) -> int:
 def _diffusion_train(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .diffusion.data import DataError
-    from .diffusion.train import train_diffusion
+    from .diffusion.train import DiffusionTrainer
     from .diffusion.train_config import load_diffusion_config
+    from .ops import OpMatchError
 
     try:
         config = load_diffusion_config(args.config, _overrides(args.set))
     except ConfigError as err:
         print(f"error in {args.config}: {err}", file=sys.stderr)
         return 2
+    try:  # setting up: what the config asks of the model and the data is checked here (no training yet)
+        trainer = DiffusionTrainer(config, progress=not args.no_progress)
+    except (ValueError, OpMatchError) as err:  # ConfigError, DataError, PEFT's and the tuners' errors
+        print(f"diffusion-train: {err}", file=sys.stderr)
+        return 2
     try:
-        result = train_diffusion(config, progress=not args.no_progress)
+        result = trainer.run()
     except (ConfigError, DataError) as err:
         print(f"diffusion-train: {err}", file=sys.stderr)
         return 2
@@ -87,18 +93,30 @@ def _diffusion_train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .diffusion.generate import generate, load_for_generation
+    from .ops import OpMatchError
 
+    for name in ("steps", "num_per_prompt", "batch_size", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"generate: --{name.replace('_', '-')}: expected a positive integer, got {value}", file=sys.stderr)
+            return 2
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(args.prompts_file).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"generate: --prompts-file: {err}", file=sys.stderr)
+            return 2
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         print("generate: give --prompt TEXT (repeatable) or --prompts-file", file=sys.stderr)
         return 2
     try:
         components, denoiser, tasks = load_for_generation(args.run or [], args.model)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError, OpMatchError) as err:
         print(f"generate: {err}", file=sys.stderr)
         return 2
     device = args.device or _default_device()
@@ -116,9 +134,13 @@ def _generate(args: argparse.Namespace) -> int:
         task_ids = tasks
     prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
     task_ids = None if task_ids is None else [t for t in task_ids for _ in range(args.num_per_prompt)]
-    generate(components, prompts, denoiser=denoiser, seeds=args.seed, steps=args.steps, guidance=args.guidance,
-             height=args.height, width=args.width, task_ids=task_ids, batch_size=args.batch_size,
-             out_dir=args.out, progress=not args.no_progress)
+    try:
+        generate(components, prompts, denoiser=denoiser, seeds=args.seed, steps=args.steps, guidance=args.guidance,
+                 height=args.height, width=args.width, task_ids=task_ids, batch_size=args.batch_size,
+                 out_dir=args.out, progress=not args.no_progress)
+    except ValueError as err:  # arguments that only the model can check (the image size)
+        print(f"generate: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({"images": len(prompts), "out": str(args.out)}))
     return 0
 

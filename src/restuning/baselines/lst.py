@@ -21,7 +21,7 @@ from torch import nn
 
 from ..bypass.network import pool
 from ..config import ConfigError, DictConfig
-from .side_network import SideNetworkModel, check_pooling, padding_mask, side_block
+from .side_network import SideNetworkModel, check_config, padding_mask, side_block
 
 METHOD = "lst"
 
@@ -43,13 +43,9 @@ class LSTConfig(DictConfig):
     family: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("num_classes", "reduction", "heads"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"lst {key}: expected a positive integer, got {value!r}")
+        check_config(self, ("num_classes", "reduction", "heads"), METHOD)
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
             raise ConfigError(f"lst temperature: expected a positive number, got {self.temperature!r}")
-        check_pooling(self.pooling, METHOD)
 
 
 class LadderSideTuning(SideNetworkModel):

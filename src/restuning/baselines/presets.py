@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "adapter": {"mha": None, "ffn": {"name": "res_adapter", "options": {"reads": "output"}}},
     "prefix": {"mha": {"name": "res_prefix", "options": {"mode": "exact"}}, "ffn": None},
     "vpt_deep": {"mha": {"name": "res_prompt", "options": {"mode": "exact"}}, "ffn": None},
-    "lora": {"mha": None, "ffn": None, "custom": {"qv": {"name": "lora", "dim": 8}}},
+    "lora": {"mha": None, "ffn": None, "dim": 8, "custom": {"qv": "lora"}},  # rank = dim, so {"dim": 16} sets it
     "ssf": {"mha": "ssf", "ffn": "ssf"},
     "adaptformer": {"mha": None, "ffn": {"name": "res_adapter", "options": {"scale": 0.1}}},
     "mam": {"mha": {"name": "res_prefix", "options": {"mode": "exact"}},

@@ -19,9 +19,14 @@ def side_block(width: int, heads: int) -> nn.TransformerEncoderLayer:
                                       norm_first=True)
 
 
-def check_pooling(pooling: str, what: str) -> None:
-    if pooling not in ("auto", "cls", "mean"):
-        raise ConfigError(f"{what} pooling: expected auto, cls or mean, got {pooling!r}")
+def check_config(config: object, positive: tuple[str, ...], what: str) -> None:
+    """Each field in `positive` is a positive integer, and the pooling is one a side network can read."""
+    for key in positive:
+        value = getattr(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{what} {key}: expected a positive integer, got {value!r}")
+    if config.pooling not in ("auto", "cls", "mean"):
+        raise ConfigError(f"{what} pooling: expected auto, cls or mean, got {config.pooling!r}")
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

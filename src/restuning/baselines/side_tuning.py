@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..bypass.network import read_out
-from ..config import ConfigError, DictConfig
-from .side_network import SideNetworkModel, check_pooling, padding_mask, side_block
+from ..config import DictConfig
+from .side_network import SideNetworkModel, check_config, padding_mask, side_block
 
 METHOD = "side_tuning"
 
@@ -41,11 +41,7 @@ class SideTuningConfig(DictConfig):
     family: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("num_classes", "depth", "heads") + (("width",) if self.width is not None else ()):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"side_tuning {key}: expected a positive integer, got {value!r}")
-        check_pooling(self.pooling, METHOD)
+        check_config(self, ("num_classes", "depth", "heads") + (("width",) if self.width is not None else ()), METHOD)
 
 
 class SideTuning(SideNetworkModel):

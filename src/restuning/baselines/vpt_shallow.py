@@ -3,6 +3,8 @@
 They then pass through every block like the other tokens and are dropped after the last block, so the
 read-out sees the original tokens. Attention is blind to token order (position embeddings are added
 before the first block), so joining the prompts at the end equals VPT's placement after [CLS].
+Every query sees the prompts; the prompts' own query rows see the prompts and every key that some real
+query sees, never the padding (their outputs are carried to the next block, so this matters).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..hooks import first_input, output_tensor, with_input
+from ..hooks import first_input, output_tensor
 from ..ops import block_stacks, widths
 from ..params import ParameterReport
 
@@ -26,6 +29,10 @@ class VPTShallow(ParameterReport, nn.Module):
         super().__init__()
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
             raise ConfigError(f"vpt_shallow tokens: expected a positive integer, got {tokens!r}")
+        config = getattr(model, "config", None)
+        if getattr(config, "is_decoder", False) or getattr(config, "model_type", "") == "clip_text_model":
+            raise ConfigError("vpt_shallow joins prompts after the last token, which a causal mask hides from "
+                              "every real token; use it on bidirectional encoders")
         stacks = block_stacks(model, family)
         if stacks[0].family.layout != "tokens" or len(stacks) != 1:
             raise ConfigError("vpt_shallow needs one stack of transformer blocks over tokens")
@@ -42,10 +49,10 @@ class VPTShallow(ParameterReport, nn.Module):
     def _join(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = first_input(args, kwargs)
         prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
-        return with_input(args, kwargs, torch.cat([x, prompts], dim=1), self.tokens)
+        return _with_prompts(args, kwargs, torch.cat([x, prompts], dim=1), self.tokens)
 
     def _widen(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return with_input(args, kwargs, None, self.tokens)
+        return _with_prompts(args, kwargs, None, self.tokens)
 
     def _drop(self, module: nn.Module, args: tuple, output: Any) -> Any:
         out = output_tensor(output)[:, : -self.tokens]
@@ -60,3 +67,26 @@ class VPTShallow(ParameterReport, nn.Module):
             handle.remove()
         return self.base_model
 
+
+def _with_prompts(args: tuple, kwargs: dict, x: torch.Tensor | None, n: int) -> tuple[tuple, dict]:
+    """A block's call arguments with its input replaced by `x` (unless None) and its attention mask
+    (keyword, or second positional) widened by `n` prompts at the end; for a forward pre-hook."""
+    if x is not None:
+        args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+    if kwargs.get("attention_mask") is not None:
+        kwargs = {**kwargs, "attention_mask": _prompt_mask(kwargs["attention_mask"], n)}
+    elif len(args) > 1 and isinstance(args[1], torch.Tensor):
+        args = (args[0], _prompt_mask(args[1], n), *args[2:])
+    return args, kwargs
+
+
+def _prompt_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """A transformers attention mask (additive float or boolean keep, (..., Q, K)) for `n` prompts joined
+    at the end: every query sees them (n more key columns), and with per-query rows (Q > 1) the prompts'
+    rows see the prompts and the keys that any real query sees (the non-padding ones), not the padding."""
+    keep = mask.dtype == torch.bool
+    mask = F.pad(mask, (0, n), value=True if keep else 0.0)
+    if mask.ndim > 2 and mask.shape[-2] > 1:  # (B, T) keep masks and (B, 1, 1, T) ones have no query rows
+        seen = mask.any(dim=-2, keepdim=True) if keep else mask.amax(dim=-2, keepdim=True)
+        mask = torch.cat([mask, seen.expand(*mask.shape[:-2], n, mask.shape[-1])], dim=-2)
+    return mask

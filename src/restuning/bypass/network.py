@@ -87,8 +87,9 @@ class BypassNetwork(nn.Module):
         return b
 
     def _step(self, i: int, theta: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        lam = torch.sigmoid(theta[i]).to(b.dtype)
-        return torch.lerp(self.vertical[i](b, like=x), self.horizontal[i](x), lam)  # (1 - lam) V + lam H
+        h = self.horizontal[i](x)
+        v = self.vertical[i](b, like=x).to(h.dtype)  # under autocast a projection may change the dtype
+        return torch.lerp(v, h, torch.sigmoid(theta[i]).to(h.dtype))  # (1 - lam) V + lam H
 
     @property
     def position_wise(self) -> bool:

@@ -7,6 +7,7 @@ The VAE and the text encoder are always frozen; only the UNet (or what is attach
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,9 @@ def load_sd(folder: str | Path, dtype: torch.dtype = torch.float32, max_length: 
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+        if noise_scheduler.config.prediction_type != "epsilon":  # training and sampling predict the noise
+            raise ConfigError(f"{source}: the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
+                              "restuning trains and samples epsilon-prediction models (Stable Diffusion v1.x)")
     except OSError as err:
         raise ConfigError(f"model: cannot load a Stable Diffusion model from {source!r}: {err}") from err
     positions = getattr(text_encoder.config, "max_position_embeddings", tokenizer.model_max_length)
@@ -192,6 +196,9 @@ def tiny_pipeline(seed: int = 0, max_length: int = 16) -> SDComponents:
     from diffusers import AutoencoderKL
 
     text_encoder, tokenizer = _minilm()
+    # A copy: `SDComponents.to` moves and casts the frozen parts in place, which must not reach the cached
+    # model that later pipelines in this process start from.
+    text_encoder = copy.deepcopy(text_encoder)
     unet = tiny_unet(text_encoder.config.hidden_size, seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(

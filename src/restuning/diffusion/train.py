@@ -35,7 +35,8 @@ CHECKPOINT = "checkpoint"
 FINAL = "final"
 METRICS = "metrics.jsonl"
 WEIGHTS = "weights"  # final/weights: the method's own format (see `save_weights`)
-LORA_DEFAULTS = {"r": 4, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+# lora_alpha follows r unless given (`peft_lora`), as in diffusers' LoRA training scripts
+LORA_DEFAULTS = {"r": 4, "lora_dropout": 0.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import ConfigError
-from ..train.config import MethodConfig, from_dict
+from ..train.config import MethodConfig, from_dict, read_yaml
 from .data import SUBJECT_TEMPLATE
 
 METHODS = ("full", "restuning", "bypass", "peft_lora")
@@ -141,21 +139,4 @@ class DiffusionTrainConfig:
 
 def load_diffusion_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DiffusionTrainConfig:
     """Read a YAML run config; `overrides` (dotted keys, e.g. {"optim.max_steps": 10}) win."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {dotted}: {p} is not a mapping")
-        node[last] = value
-    return from_dict(DiffusionTrainConfig, data)
+    return from_dict(DiffusionTrainConfig, read_yaml(path, overrides))

@@ -86,6 +86,9 @@ class TrainConfig:
         output_dir: metrics.jsonl, checkpoints and the final tuned weights go here.
         eval_every: evaluate every this many epochs (and after the last).
         checkpoint_every: steps between resumable checkpoints (0: at epoch ends only).
+        feature_cache: train methods that never back-propagate into the backbone (bypass, side_tuning,
+            lst) from backbone features computed once, when the inputs are not augmented. `False` runs the
+            backbone at every step (the same results; less memory, more time).
     """
 
     backbone: str = "dinov2-small"
@@ -96,6 +99,7 @@ class TrainConfig:
     output_dir: str = "runs/run"
     eval_every: int = 1
     checkpoint_every: int = 0
+    feature_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.method.name not in METHODS:
@@ -179,8 +183,8 @@ def _name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML run config; `overrides` (dotted keys, e.g. {"optim.epochs": 2}) win."""
+def read_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A YAML run config as a mapping; `overrides` (dotted keys, e.g. {"optim.epochs": 2}) win."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -188,10 +192,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {p} is not a mapping")
         node[last] = value
-    return from_dict(TrainConfig, data)
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML run config; `overrides` (dotted keys, e.g. {"optim.epochs": 2}) win."""
+    return from_dict(TrainConfig, read_yaml(path, overrides))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import time
+from queue import Empty
 from typing import Any
 
 from .config import TrainConfig
@@ -21,7 +22,8 @@ def _run(config: TrainConfig, threads: int | None, queue) -> None:
         start = time.perf_counter()
         trainer = Trainer(config, progress=False)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        backbone = sum(p.numel() for p in trainer.backbone.model.parameters())
+        # Counted without the LoRA weights that PEFT injects into the backbone itself.
+        backbone = sum(p.numel() for n, p in trainer.backbone.model.named_parameters() if "lora_" not in n)
         result = trainer.run()
         queue.put({**result, "trainable_params": trainable, "backbone_params": backbone,
                    "train_examples": len(trainer.data.train),
@@ -42,7 +44,14 @@ def run_isolated(config: TrainConfig, threads: int | None = None) -> dict[str, A
     queue = context.Queue()
     process = context.Process(target=_run, args=(config, threads, queue))
     process.start()
-    row = queue.get()
+    while True:
+        try:
+            row = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():  # killed (out of memory, a signal) before it could report
+                raise RuntimeError(f"training {config.method.name} on {config.backbone}: the process died "
+                                   f"with exit code {process.exitcode}") from None
     process.join()
     if "error" in row:
         raise RuntimeError(f"training {config.method.name} on {config.backbone} failed: {row['error']}")

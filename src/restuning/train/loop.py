@@ -179,7 +179,7 @@ class Trainer:
 
     def _feature_cache(self):
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if not isinstance(unwrapped, FrozenBackbone) or self.config.data.augment:
+        if not isinstance(unwrapped, FrozenBackbone) or self.config.data.augment or not self.config.feature_cache:
             return None
         return FeatureCache().get(unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
