@@ -81,21 +81,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's own choice)")
     parser.add_argument("--no-cache", action="store_true",
                         help="run the backbone at every step instead of training from the feature cache")
-    parser.add_argument("--append", action="store_true", help="add these runs to the rows already in --json")
-    parser.add_argument("--summarize", type=Path, help="only print the table of the runs in this JSON")
+    parser.add_argument("--summarize", type=Path, nargs="+",
+                        help="only print the table of the runs in these JSON files (a later file's run replaces an "
+                             "earlier one of the same method, task, train set and cache setting); --json writes them")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = parser.parse_args()
     if args.summarize:
-        rows = json.loads(args.summarize.read_text())["rows"]
+        merged = {}
+        for path in args.summarize:
+            for r in json.loads(path.read_text())["rows"]:
+                merged[(r["method"], r["task"], r["train_set"], r.get("feature_cache", True))] = r
+        rows = list(merged.values())
         add_ratios(rows)
+        write_json(args.json, {"meta": {**machine(), "merged_from": [str(p) for p in args.summarize]}, "rows": rows})
         print_table(rows)
         write_markdown(rows, args.markdown)
         return
     sizes = args.sizes or (["1000"] if args.quick else list(SIZES))
 
     rows, began = [], time.perf_counter()
-    if args.append and args.json and args.json.is_file():
-        rows = json.loads(args.json.read_text())["rows"]
     for task in args.tasks:
         for size in sizes:
             for method in args.methods:

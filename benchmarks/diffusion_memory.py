@@ -31,7 +31,7 @@ import torch
 from _report import machine, median, table, write_json
 from torch import nn
 
-METHODS = ("full", "peft_lora", "restuning", "bypass")
+METHODS = ("full", "peft_lora", "restuning", "bypass", "bypass_bf16_unet")
 SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -58,7 +58,10 @@ def build(method: str, config: str, device: str) -> nn.Module:
     import restuning
 
     torch.manual_seed(0)
+    # bypass_bf16_unet builds its UNet in bf16, so that no fp32 copy ever exists in the process.
+    torch.set_default_dtype(torch.bfloat16 if method == "bypass_bf16_unet" else torch.float32)
     unet = UNet2DConditionModel(**CONFIGS[config]["unet"]).to(device)
+    torch.set_default_dtype(torch.float32)
     if method == "full":
         return unet
     if method == "peft_lora":
@@ -71,12 +74,18 @@ def build(method: str, config: str, device: str) -> nn.Module:
         return restuning.get_restuning_model(unet, restuning.ResTuningConfig())
     if method == "bypass":
         return restuning.get_restuning_model(unet, restuning.BypassConfig())
+    if method == "bypass_bf16_unet":  # the frozen UNet kept in bf16, as a frozen backbone may be; the bypass in fp32
+        model = restuning.get_restuning_model(unet, restuning.BypassConfig())
+        model.task.float()
+        return model
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
 def predict(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    out = model(sample, timestep, encoder_hidden_states=text)
-    return out if isinstance(out, torch.Tensor) else out.sample  # the bypass returns a tensor; diffusers a dataclass
+    dtype = next(getattr(model, "base_model", model).parameters()).dtype  # the UNet's own (bf16 for bypass_bf16_unet)
+    out = model(sample.to(dtype), timestep, encoder_hidden_states=text.to(dtype))
+    out = out if isinstance(out, torch.Tensor) else out.sample  # the bypass returns a tensor; diffusers a dataclass
+    return out.float()
 
 
 def measure(method: str, config: str, batch: int, steps: int, device: str) -> dict[str, Any]:
