@@ -118,7 +118,8 @@ class BoundVPTDeep(_HookedReference):
         def hook(module, args, kwargs):
             x = first_input(args, kwargs)
             prompts = self.prompts[key].to(x.dtype).expand(x.shape[0], -1, -1)
-            return with_input(args, kwargs, torch.cat([x, prompts], dim=1), prompts.shape[1])
+            n = prompts.shape[1]
+            return with_input(args, kwargs, torch.cat([x, prompts], dim=1), lambda m: extend_mask(m, n, True, True))
 
         return hook
 

@@ -9,6 +9,7 @@ so no tensor outlives the call.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,18 +44,17 @@ def extend_mask(mask: torch.Tensor | None, n: int, at_end: bool, rows: bool) -> 
     return mask
 
 
-def with_input(args: tuple, kwargs: dict, x: torch.Tensor | None, extra: int) -> tuple[tuple, dict]:
+def with_input(
+    args: tuple, kwargs: dict, x: torch.Tensor | None, widen: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[tuple, dict]:
     """A block's call arguments with its input replaced by `x` (unless None) and its attention mask
-    (keyword, or second positional) extended by `extra` tokens at the end; for a forward pre-hook."""
+    (keyword, or second positional) passed through `widen`; for a forward pre-hook that joins tokens."""
     if x is not None:
-        if args:
-            args = (x, *args[1:])
-        else:
-            kwargs = {**kwargs, "hidden_states": x}
-    if "attention_mask" in kwargs:
-        kwargs = {**kwargs, "attention_mask": extend_mask(kwargs["attention_mask"], extra, True, True)}
-    elif len(args) > 1 and isinstance(args[1], torch.Tensor):
-        args = (args[0], extend_mask(args[1], extra, True, True), *args[2:])
+        args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+    if kwargs.get("attention_mask") is not None:
+        kwargs = {**kwargs, "attention_mask": widen(kwargs["attention_mask"])}
+    elif "attention_mask" not in kwargs and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        args = (args[0], widen(args[1]), *args[2:])
     return args, kwargs
 
 

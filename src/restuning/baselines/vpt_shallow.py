@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..hooks import first_input, output_tensor
+from ..hooks import first_input, output_tensor, with_input
 from ..ops import block_stacks, widths
 from ..params import ParameterReport
 
@@ -49,10 +49,13 @@ class VPTShallow(ParameterReport, nn.Module):
     def _join(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = first_input(args, kwargs)
         prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
-        return _with_prompts(args, kwargs, torch.cat([x, prompts], dim=1), self.tokens)
+        return with_input(args, kwargs, torch.cat([x, prompts], dim=1), self._widen_mask)
 
     def _widen(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return _with_prompts(args, kwargs, None, self.tokens)
+        return with_input(args, kwargs, None, self._widen_mask)
+
+    def _widen_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return _prompt_mask(mask, self.tokens)
 
     def _drop(self, module: nn.Module, args: tuple, output: Any) -> Any:
         out = output_tensor(output)[:, : -self.tokens]
@@ -66,18 +69,6 @@ class VPTShallow(ParameterReport, nn.Module):
         for handle in self.handles:
             handle.remove()
         return self.base_model
-
-
-def _with_prompts(args: tuple, kwargs: dict, x: torch.Tensor | None, n: int) -> tuple[tuple, dict]:
-    """A block's call arguments with its input replaced by `x` (unless None) and its attention mask
-    (keyword, or second positional) widened by `n` prompts at the end; for a forward pre-hook."""
-    if x is not None:
-        args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-    if kwargs.get("attention_mask") is not None:
-        kwargs = {**kwargs, "attention_mask": _prompt_mask(kwargs["attention_mask"], n)}
-    elif len(args) > 1 and isinstance(args[1], torch.Tensor):
-        args = (args[0], _prompt_mask(args[1], n), *args[2:])
-    return args, kwargs
 
 
 def _prompt_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
