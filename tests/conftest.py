@@ -89,6 +89,23 @@ CASES = {
 }
 
 
+def train_steps(model: torch.nn.Module, inputs: dict, target: torch.Tensor, loss=torch.nn.functional.cross_entropy,
+                steps: int = 2, lr: float = 1e-2, optimizer=torch.optim.AdamW) -> list[float]:
+    """`steps` optimizer steps of `loss(model(**inputs), target)` on the trainable parameters, in train
+    mode; leaves the model in eval mode and returns the losses."""
+    model.train()
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        value = loss(model(**inputs), target)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    model.eval()
+    return losses
+
+
 def hidden(output) -> torch.Tensor:
     return output.last_hidden_state
 

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CASES, hidden
+from conftest import CASES, hidden, train_steps
 
 from restuning.baselines import PRESETS, LadderSideTuning, LSTConfig, SideTuning, SideTuningConfig, VPTShallow
 from restuning.config import ConfigError
@@ -21,18 +21,7 @@ BACKBONE_FROZEN = [m for m in METHODS if m not in ("full", "bitfit")]
 
 
 def _train_steps(model: torch.nn.Module, inputs: dict, steps: int = 2) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    labels = torch.tensor([0, 2])
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(**inputs), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, inputs, torch.tensor([0, 2]), steps=steps)
 
 
 # --- common: every method in one parametrised suite ---------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_CASES, CASES, CNN_CASES
+from conftest import ALL_CASES, CASES, CNN_CASES, train_steps
 
 import restuning
 from restuning import BypassConfig, ResTuningBypassModel, ResTuningConfig, TunerSpec
@@ -23,18 +23,8 @@ def _bypass(name: str, config: BypassConfig | None = None, depth: int | None = N
 
 def _train(model, inputs: dict, steps: int = 2, lr: float = 0.1) -> list[float]:
     """A few SGD steps on a fixed cross-entropy target; returns the losses."""
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     target = torch.arange(next(iter(inputs.values())).shape[0]) % 3
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(**inputs), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    return train_steps(model, inputs, target, steps=steps, lr=lr, optimizer=torch.optim.SGD)
 
 
 def test_default_config_is_dual_res_adapter_with_zero_gates():

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from conftest import train_steps  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from test_unet import tiny_unet  # noqa: E402
 
@@ -44,19 +45,8 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 def train(model: UNetBypassModel, steps: int = 4, lr: float = 1e-2) -> list[float]:
     """AdamW on the noise-prediction MSE against a fixed random target; returns the losses."""
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batch = inputs()
     target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.mse_loss(model(**batch), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    return train_steps(model, inputs(), target, torch.nn.functional.mse_loss, steps=steps, lr=lr)
 
 
 # --- structure and step 0 -----------------------------------------------------------------------

@@ -20,15 +20,23 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load(loader, args: argparse.Namespace):
+    """`loader(args.config, --set overrides)`, or None after printing the config error."""
     from .config import ConfigError
+
+    try:
+        return loader(args.config, _overrides(args.set))
+    except ConfigError as err:
+        print(f"error in {args.config}: {err}", file=sys.stderr)
+        return None
+
+
+def _train(args: argparse.Namespace) -> int:
     from .train.config import load_config
     from .train.loop import train
 
-    try:
-        config = load_config(args.config, _overrides(args.set))
-    except ConfigError as err:
-        print(f"error in {args.config}: {err}", file=sys.stderr)
+    config = _load(load_config, args)
+    if config is None:
         return 2
     print(json.dumps(train(config, progress=not args.no_progress)))
     return 0
@@ -73,10 +81,8 @@ def _diffusion_train(args: argparse.Namespace) -> int:
     from .diffusion.train_config import load_diffusion_config
     from .ops import OpMatchError
 
-    try:
-        config = load_diffusion_config(args.config, _overrides(args.set))
-    except ConfigError as err:
-        print(f"error in {args.config}: {err}", file=sys.stderr)
+    config = _load(load_diffusion_config, args)
+    if config is None:
         return 2
     try:  # setting up: what the config asks of the model and the data is checked here (no training yet)
         trainer = DiffusionTrainer(config, progress=not args.no_progress)

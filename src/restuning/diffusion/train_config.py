@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..train.config import MethodConfig, from_dict, read_yaml
+from ..train.config import MethodConfig, from_dict, read_yaml, require_positive
 from .data import SUBJECT_TEMPLATE
 
 METHODS = ("full", "restuning", "bypass", "peft_lora")
@@ -112,15 +112,10 @@ class DiffusionTrainConfig:
                                   f"task), got {d.digits!r}")
             if d.source != "mnist" and not d.class_name:
                 raise ConfigError("data.class_name: subject mode needs the subject's class, e.g. dog")
-        for key, value in (("data.resolution", d.resolution), ("optim.epochs", o.epochs),
-                           ("optim.batch_size", o.batch_size), ("optim.grad_accum", o.grad_accum),
-                           ("log_every", self.log_every), ("eval_size", self.eval_size)):
-            if value < 1:
-                raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
-        for key, value in (("optim.max_steps", o.max_steps), ("data.per_digit", d.per_digit),
-                           ("data.max_items", d.max_items)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{key}: expected a positive integer or null, got {value!r}")
+        require_positive({"data.resolution": d.resolution, "optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
+                          "optim.grad_accum": o.grad_accum, "log_every": self.log_every, "eval_size": self.eval_size})
+        require_positive({"optim.max_steps": o.max_steps, "data.per_digit": d.per_digit,
+                          "data.max_items": d.max_items}, optional=True)
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every: expected 0 (none) or more, got {self.checkpoint_every!r}")
         if self.eval_every < 0:

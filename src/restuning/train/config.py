@@ -78,6 +78,15 @@ class MethodConfig:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def require_positive(values: dict[str, int | None], optional: bool = False) -> None:
+    """Each value (named by its config key) is a positive integer; with `optional`, or None."""
+    for key, value in values.items():
+        if optional and value is None:
+            continue
+        if value < 1:
+            raise ConfigError(f"{key}: expected a positive integer{' or null' if optional else ''}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     """Args:
@@ -111,12 +120,10 @@ class TrainConfig:
                 raise ConfigError(f"data.path: data.name {self.data.name!r} needs a path")
             if not Path(self.data.path).exists():
                 raise ConfigError(f"data.path: {self.data.path!r} does not exist")
-        for key, value in (("optim.epochs", self.optim.epochs), ("optim.batch_size", self.optim.batch_size),
-                           ("optim.grad_accum", self.optim.grad_accum), ("data.image_size", self.data.image_size),
-                           ("data.test_size", self.data.test_size), ("data.max_length", self.data.max_length),
-                           ("eval_every", self.eval_every)):
-            if value < 1:
-                raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+        require_positive({"optim.epochs": self.optim.epochs, "optim.batch_size": self.optim.batch_size,
+                          "optim.grad_accum": self.optim.grad_accum, "data.image_size": self.data.image_size,
+                          "data.test_size": self.data.test_size, "data.max_length": self.data.max_length,
+                          "eval_every": self.eval_every})
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every: expected 0 (epoch ends only) or more, got {self.checkpoint_every!r}")
         if self.optim.lr <= 0 or self.optim.warmup_epochs < 0:

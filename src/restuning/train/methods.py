@@ -32,8 +32,6 @@ from ..model import ResTuningModel
 from ..params import ParameterReport
 from .config import METHODS
 
-MEMORY_EFFICIENT = ("bypass", "side_tuning", "lst")  # never back-propagate into the backbone
-
 
 class LastLayerClassifier(ParameterReport, nn.Module):
     """`head(read_out(last layer of backbone))`. `frozen`: the backbone runs without autograd (linear
