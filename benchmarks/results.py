@@ -20,7 +20,7 @@ from pathlib import Path
 from _report import machine, table, write_json
 
 from restuning.train.config import DataConfig, MethodConfig, OptimConfig, TrainConfig
-from restuning.train.loop import Trainer
+from restuning.train.trainer import Trainer
 
 TASKS = {
     "tweets/minilm": ("all-MiniLM-L6-v2", dict(name="tweets", test_size=500, max_length=32)),

@@ -8,7 +8,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 
 from restuning.train.config import TrainConfig, from_dict
-from restuning.train.loop import Trainer
+from restuning.train.trainer import Trainer
 
 if __name__ == "__main__":
     config = from_dict(TrainConfig, json.loads(Path(sys.argv[1]).read_text()))

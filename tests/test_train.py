@@ -17,7 +17,7 @@ from restuning import ConfigError
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
 from restuning.train.config import TrainConfig, from_dict, load_config
 from restuning.train.evaluate import evaluate_run
-from restuning.train.loop import Trainer
+from restuning.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ def test_predict_serves_several_runs_and_plot_draws_them(tmp_path):
 
 def test_vtab_validation_split_holds_out_a_fifth_of_the_training_examples(tmp_path):
     from restuning.train.backbones import load_backbone
-    from restuning.train.loop import load_data
+    from restuning.train.trainer import load_data
 
     config = _config(tmp_path, "linear")
     whole = load_data(config, load_backbone(config.backbone))

@@ -33,7 +33,7 @@ def _load(loader, args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from .train.config import load_config
-    from .train.loop import train
+    from .train.trainer import train
 
     config = _load(load_config, args)
     if config is None:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from ..data.shipped import SHIPPED
 from .config import TrainConfig, from_dict
-from .loop import FINAL, Trainer, accuracy
+from .trainer import FINAL, Trainer, accuracy
 
 
 def evaluate_run(run: Path, data: str | None = None) -> dict[str, float]:

@@ -14,7 +14,7 @@ from .config import TrainConfig
 def _run(config: TrainConfig, threads: int | None, queue) -> None:
     import torch
 
-    from .loop import Trainer
+    from .trainer import Trainer
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -1,13 +1,19 @@
-"""The training loop: Hugging Face Accelerate (devices, processes, mixed precision, accumulation),
-progress bars, metrics as JSON lines, resumable checkpoints, and the feature cache for the bypass."""
+"""The one training loop of every run, classification and text-to-image alike: Hugging Face Accelerate
+(devices, processes, mixed precision, accumulation), AdamW on the trainable parameters, a learning-rate
+schedule, progress bars, metrics as JSON lines, and checkpoints that resume a killed run exactly.
+
+A kind of run subclasses `TrainingLoop`: it builds `model` and `num_examples` in its `__init__` (after
+`super().__init__`, which made the accelerator) and supplies the loss of a batch, its evaluation and what
+`final/` holds. `restuning.train.trainer.Trainer` (classification) and
+`restuning.diffusion.train.DiffusionTrainer` (text-to-image) are the two.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,212 +24,238 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..bypass import FeatureCache
-from ..bypass.model import FrozenBackbone, ResTuningBypassModel
 from ..checkpoint import atomic_write_dir
 from ..config import ConfigError
-from ..data import LabelledData, few_shot, random_resized_crop
-from ..data.shipped import SHIPPED
-from ..data.sources import hf_dataset, image_folder, text_table
-from ..data.splits import split_indices, vtab_split
-from ..data.transforms import resize
-from .backbones import Backbone, load_backbone
-from .config import TrainConfig
-from .methods import build_classifier
 
 CHECKPOINT = "checkpoint"
 FINAL = "final"
 METRICS = "metrics.jsonl"
+UNITS = ("epoch", "step")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
-class RunData:
-    train: LabelledData
-    test: LabelledData
-    extra: dict[str, LabelledData]
+class LoopSettings:
+    """How the loop trains; each run config maps onto these.
+
+    Args:
+        unit: records (metrics.jsonl lines) are counted in epochs (one at each epoch's end) or in optimizer
+            steps; `log_every` and `eval_every` count in this unit, `eval_every` 0 evaluating at the end only.
+            The last unit of a run always logs, evaluates and adds the run's summary.
+        schedule: `cosine` (linear warmup over `warmup_epochs`, then cosine decay to 0) or `constant`.
+        max_steps: optimizer steps; ends the run before `epochs` do.
+        checkpoint_every: optimizer steps between resumable checkpoints (0: none); runs counted in epochs
+            also checkpoint at each epoch's end, and any run that checkpoints does so at its end.
+        find_unused_parameters: for DDP, when the loss may not reach every trainable parameter.
+    """
+
+    output_dir: str
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    max_steps: int | None = None
+    max_grad_norm: float | None = None
+    unit: str = "epoch"
+    log_every: int = 1
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ConfigError(f"unit: expected one of {UNITS}, got {self.unit!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
 
 
-def load_data(config: TrainConfig, backbone: Backbone) -> RunData:
-    """Deterministic for the seed: a held-out test split, then k shots per class or `train_size`."""
-    d = config.data
-    if d.name in SHIPPED:
-        full = SHIPPED[d.name]()
-    elif d.name == "image_folder":
-        full = image_folder(d.path, d.image_size)
-    elif d.name == "text_table":
-        full = text_table(d.path, d.text_column, d.label_column)
-    else:
-        full = hf_dataset(d.path, d.text_column, d.label_column)
-    if d.augment and full.kind == "text":
-        raise ConfigError("data.augment: RandomResizedCrop and flips are for images; this data holds texts")
-    if full.kind != backbone.kind:
-        raise ConfigError(
-            f"data.name: {d.name!r} holds {full.kind}s, backbone {config.backbone!r} takes {backbone.kind}s")
-    pool, test = split_indices(len(full), min(d.test_size, len(full) // 2), config.seed)
-    train = full.subset(pool)
-    if d.shots is not None:
-        train = train.subset(few_shot(train.labels, d.shots, config.seed))
-    elif d.train_size is not None and d.train_size < len(train):
-        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
-                             [: d.train_size].sort().values)
-    extra = {name: SHIPPED[name]() for name in d.eval_sets}
-    if d.validation:  # VTAB-1k: 800 / 200 of 1000
-        tune, val = vtab_split(len(train), config.seed, train=round(0.8 * len(train)),
-                               val=len(train) - round(0.8 * len(train)))
-        return RunData(train.subset(tune), train.subset(val), extra)
-    return RunData(train, full.subset(test), extra)
+@dataclass
+class Position:
+    """Where a run is: `batch` batches into `epoch` (0-based), after `steps` optimizer steps; `losses` of the
+    batches since the last record with a training loss; `record`, the last record written."""
+
+    epoch: int = 0
+    batch: int = 0
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
 
 
-class Trainer:
-    """One run of `config`. `run()` trains (resuming from `output_dir/checkpoint` if there is one),
-    evaluates every `eval_every` epochs, and writes `metrics.jsonl` and `final/`."""
+class TrainingLoop:
+    """`run()` trains (resuming from `output_dir/checkpoint` if there is one), writes `metrics.jsonl`,
+    checkpoints, and `final/`."""
 
-    def __init__(self, config: TrainConfig, progress: bool = True):
-        self.config, self.progress = config, progress
-        self.out = Path(config.output_dir)
-        # Full fine-tuning and BitFit train parameters the loss may not reach (DINOv2's mask token).
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=config.method.name in ("full", "bitfit"))
+    model: nn.Module
+    num_examples: int
+
+    def __init__(self, settings: LoopSettings, progress: bool = True):
+        self.settings, self.progress = settings, progress
+        self.out = Path(settings.output_dir)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # without it, Accelerate runs torchrun's CPU processes apart
-            mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum,
+            mixed_precision=settings.mixed_precision, gradient_accumulation_steps=settings.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), kwargs_handlers=[ddp],
         )
-        set_seed(config.seed)
-        self.backbone = load_backbone(config.backbone)
-        self.data = load_data(config, self.backbone)
-        torch.manual_seed(config.seed)
-        self.model = build_classifier(config.method.name, self.backbone.model, len(self.data.train.classes),
-                                      config.method.config)
-        self.inputs = self._encode(self.data.train, raw=config.data.augment)
-        self._eval_inputs: dict[str, dict[str, torch.Tensor]] = {}
+        set_seed(settings.seed)
 
-    # --- data --------------------------------------------------------------------------------
-    def _encode(self, data: LabelledData, raw: bool = False) -> dict[str, torch.Tensor]:
-        if raw:  # augmented per batch from [0, 1] images
-            return {"images": resize(data.inputs, round(self.config.data.image_size * 1.15))}
-        return self.backbone.encode(data, self.config.data.image_size, self.config.data.max_length)
+    # --- what each kind of run supplies ------------------------------------------------------------
+    def batch_loss(self, model: nn.Module, index: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+        """The scalar loss of the training examples `index` (B,), with `model` the prepared (possibly
+        DDP-wrapped) model; runs under `accumulate` and `autocast`."""
+        raise NotImplementedError
 
-    def _batch(self, index: torch.Tensor, epoch: int, step: int) -> dict[str, torch.Tensor]:
-        if "images" in self.inputs:
-            g = torch.Generator().manual_seed(hash((self.config.seed, epoch, step)) % 2**31)
-            crops = random_resized_crop(self.inputs["images"][index], self.config.data.image_size, g)
-            return {self.backbone.input_name: self.backbone.prepare(crops)}
-        return {k: v[index] for k, v in self.inputs.items()}
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
 
-    # --- training ----------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Added to the last record: what the run was (method, trainable parameters, peak memory)."""
+        return {"trainable_params": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)}
+
+    def write_final(self, directory: Path) -> None:
+        """Fill `final/` (written to a temporary folder, then renamed)."""
+        save_file(self.trainable(), str(directory / "trainable.safetensors"))
+
+    def on_train_start(self) -> None:
+        """Called after `prepare`, before the first batch of this process (fresh or resumed)."""
+
+    def start_record(self) -> dict[str, Any] | None:
+        """Logged as unit 0 before a fresh run's first step (not on resume)."""
+        return None
+
+    def run_state(self) -> dict[str, Any]:
+        """JSON-able state of the run kept in checkpoints beside the loop's own."""
+        return {}
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- the loop -----------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
     def run(self, stop_after_steps: int | None = None) -> dict[str, Any]:
-        """Train and evaluate; `stop_after_steps` stops early as a kill would (for tests)."""
-        cfg, acc = self.config, self.accelerator
+        """Train; the last record. `stop_after_steps` (batches) stops early as a kill would (for tests)."""
+        s, acc = self.settings, self.accelerator
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        loader = torch.utils.data.DataLoader(
-            torch.arange(len(self.data.train)), batch_size=cfg.optim.batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(cfg.seed))
+        if not params:
+            raise ConfigError("the method left nothing trainable")
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        loader = torch.utils.data.DataLoader(torch.arange(self.num_examples), batch_size=s.batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(s.seed))
         model, optimizer, loader = acc.prepare(self.model, optimizer, loader)
-        # Sized on this rank's batches; Accelerate steps a prepared scheduler once per process.
-        steps = math.ceil(len(loader) / cfg.optim.grad_accum) * cfg.optim.epochs * acc.num_processes
-        warmup = round(steps * cfg.optim.warmup_epochs / cfg.optim.epochs)
-        from transformers import get_cosine_schedule_with_warmup
-
-        scheduler = acc.prepare(get_cosine_schedule_with_warmup(optimizer, min(warmup, steps - 1), steps))
-        # A finished run resumed returns its last record.
-        start_epoch, start_step, losses, result = self._resume(optimizer, scheduler)
-        cached = self._feature_cache()
-        labels = self.data.train.labels
-        done = 0
-        for epoch in range(start_epoch, cfg.optim.epochs):
+        per_epoch = math.ceil(len(loader) / s.grad_accum)  # Accelerate steps at each epoch's last batch
+        total = min(s.max_steps or per_epoch * s.epochs, per_epoch * s.epochs)
+        scheduler = acc.prepare(self._schedule(optimizer, total, per_epoch))
+        at = self._resume(optimizer, scheduler)
+        fresh = at is None
+        at = at or Position()
+        self.on_train_start()
+        if fresh and (start := self.start_record()):
+            self._log({s.unit: 0, **start})
+        bar = tqdm(total=total, initial=at.steps, desc="training", disable=not (self.progress and acc.is_main_process))
+        done, timed, began = 0, 0, time.perf_counter()
+        for epoch in range(at.epoch, s.epochs):
+            if at.steps >= total:
+                break
             model.train()
             loader.set_epoch(epoch)
-            batches = acc.skip_first_batches(loader, start_step) if epoch == start_epoch else loader
-            first = start_step if epoch == start_epoch else 0
-            bar = tqdm(batches, total=len(loader), initial=first, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                       disable=not (self.progress and acc.is_main_process))
-            began = time.perf_counter()
-            losses = losses if epoch == start_epoch else []  # a resumed epoch keeps the losses before the kill
-            for step, index in enumerate(bar, start=first):
-                index = index.cpu()
+            first = at.batch if epoch == at.epoch else 0
+            for batch, index in enumerate(acc.skip_first_batches(loader, first) if first else loader, start=first):
                 with acc.accumulate(model), acc.autocast():
-                    if cached is not None:
-                        features, mask = cached.batch(index)  # through the (DDP-)wrapped model, so grads sync
-                        logits = model(features=[f.to(acc.device) for f in features],
-                                       attention_mask=None if mask is None else mask.to(acc.device))
-                    else:
-                        logits = model(**{k: v.to(acc.device) for k, v in self._batch(index, epoch, step).items()})
-                    loss = nn.functional.cross_entropy(logits.float(), labels[index].to(acc.device))
+                    loss = self.batch_loss(model, index.cpu(), epoch, batch)
                     acc.backward(loss)
+                    if acc.sync_gradients and s.max_grad_norm is not None:
+                        acc.clip_grad_norm_(params, s.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                done += 1
-                # Only between optimizer steps, so accumulation restarts on the same boundaries.
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and acc.sync_gradients:
-                    self._save_checkpoint(optimizer, scheduler, epoch, step + 1, losses)
+                at.losses.append(loss.item())
+                done, timed = done + 1, timed + 1
+                if acc.sync_gradients:  # only between optimizer steps, so accumulation restarts alike
+                    at.steps += 1
+                    at.epoch, at.batch = epoch, batch + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", epoch=epoch + 1)
+                    end_of_epoch = at.batch == len(loader)
+                    if end_of_epoch:
+                        at.epoch, at.batch = epoch + 1, 0
+                    last = at.steps >= total
+                    unit = at.steps if s.unit == "step" else at.epoch
+                    record = {}
+                    if s.unit == "step" or end_of_epoch or last:
+                        record = self._record(unit, at, scheduler, time.perf_counter() - began, timed, last)
+                    if "train_loss" in record:
+                        at.losses, timed, began = [], 0, time.perf_counter()
+                    every = s.checkpoint_every and at.steps % s.checkpoint_every == 0
+                    if every or (s.unit == "epoch" and end_of_epoch) or (last and s.checkpoint_every):
+                        self._save_checkpoint(optimizer, scheduler, at, record)  # then log: never twice
+                    if record:
+                        self._log(record)
+                        at.record = record
+                    if last:
+                        break
                 if stop_after_steps is not None and done >= stop_after_steps:
+                    bar.close()
                     return {"stopped": True}
-            start_step = 0
-            seconds = time.perf_counter() - began
-            record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
-                      "lr": scheduler.get_last_lr()[0], "epoch_seconds": seconds,
-                      "step_seconds": seconds / max(len(loader) - first, 1)}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
-                record.update(self.evaluate())
-            if epoch + 1 == cfg.optim.epochs:
-                record.update(self.summary())
-            self._save_checkpoint(optimizer, scheduler, epoch + 1, 0, [], record)  # then log: never twice
-            self._log(record)
-            result = record
+        bar.close()
         self._save_final()
-        return result
+        return at.record
 
-    def _feature_cache(self):
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if not isinstance(unwrapped, FrozenBackbone) or self.config.data.augment or not self.config.feature_cache:
-            return None
-        return FeatureCache().get(unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
+    def _schedule(self, optimizer: torch.optim.Optimizer, total: int, per_epoch: int):
+        from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
-    def summary(self) -> dict[str, Any]:
-        """What `restuning plot` draws: method, trainable parameters, and the process's peak resident
-        memory so far (host RSS: it includes data and caches, and earlier runs in the same process)."""
-        model = self.accelerator.unwrap_model(self.model)
-        return {"method": self.config.method.name, "backbone": self.config.backbone,
-                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.settings.schedule == "constant":
+            return get_constant_schedule(optimizer)
+        n = self.accelerator.num_processes  # a prepared scheduler steps once per process per optimizer step
+        warmup = round(per_epoch * n * self.settings.warmup_epochs)
+        return get_cosine_schedule_with_warmup(optimizer, min(warmup, total * n - 1), total * n)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Top-1 accuracy on the test split and on each extra evaluation set."""
-        sets = {"test": self.data.test, **self.data.extra}
-        for name, data in sets.items():  # encoded once per run, not at every evaluation
-            if name not in self._eval_inputs:
-                self._eval_inputs[name] = self._encode(data)
-        return {f"{name}_accuracy": accuracy(self.accelerator.unwrap_model(self.model), self._eval_inputs[name],
-                                             data.labels, self.config.optim.batch_size, self.accelerator.device)
-                for name, data in sets.items()}
+    def _record(self, unit: int, at: Position, scheduler, seconds: float, timed: int, last: bool) -> dict[str, Any]:
+        """The metrics due at `unit`: training loss every `log_every`, evaluation every `eval_every`, and
+        everything (with the summary) at the last."""
+        s = self.settings
+        record: dict[str, Any] = {}
+        if (last or unit % s.log_every == 0) and at.losses:
+            record.update(train_loss=sum(at.losses) / len(at.losses), lr=scheduler.get_last_lr()[0],
+                          seconds=seconds, step_seconds=seconds / max(timed, 1))
+        if last or (s.eval_every and unit % s.eval_every == 0):
+            record.update(self.evaluate())
+        if last:
+            record.update(self.summary())
+        if not record:
+            return record
+        return {"epoch": at.epoch if at.batch == 0 else at.epoch + 1, "step": at.steps, s.unit: unit, **record}
 
-    # --- files -------------------------------------------------------------------------------
+    # --- files --------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _trainable(self) -> dict[str, torch.Tensor]:
-        model = self.accelerator.unwrap_model(self.model)
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by name, on the CPU."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
 
-    def _save_checkpoint(self, optimizer, scheduler, epoch: int, step: int, losses: list[float],
-                         record: dict[str, Any] | None = None) -> None:
+    def _save_checkpoint(self, optimizer, scheduler, at: Position, record: dict[str, Any]) -> None:
+        """Trainable weights (safetensors), optimizer, scheduler, position and RNG (tensors only), atomically."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "losses": torch.tensor(losses, dtype=torch.float64), "record": json.dumps(record)}
+        state = {"epoch": at.epoch, "step": at.batch, "optimizer_steps": at.steps,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "losses": torch.tensor(at.losses, dtype=torch.float64),
+                 "record": json.dumps(record or at.record), "run_state": json.dumps(self.run_state())}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        trainable = self._trainable()
+        trainable = self.trainable()
 
         def write(d: Path) -> None:
             save_file(trainable, str(d / "trainable.safetensors"))
@@ -231,60 +263,48 @@ class Trainer:
 
         atomic_write_dir(self.out / CHECKPOINT, write)
 
-    def _resume(self, optimizer, scheduler) -> tuple[int, int, list[float], dict[str, Any]]:
-        """(epoch, step, losses so far in that epoch, the last epoch's record) of the checkpoint."""
+    def _resume(self, optimizer, scheduler) -> Position | None:
+        """The checkpoint's position, with weights, optimizer, scheduler and RNG restored; None if none.
+        metrics.jsonl keeps the records up to the checkpoint (those after it are written again)."""
         directory = self.out / CHECKPOINT
         if not (directory / "state.pt").is_file():
-            return 0, 0, [], {}
+            return None
         state = torch.load(directory / "state.pt", weights_only=True)  # tensors and numbers only, no code
         tensors = load_file(str(directory / "trainable.safetensors"))
-        model = self.accelerator.unwrap_model(self.model)
+        params = dict(self.unwrapped.named_parameters())
+        mismatch = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
+        if mismatch:
+            raise ConfigError(f"{directory}: the checkpoint does not fit this run's method ({mismatch[:4]} ...)")
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in tensors:
-                    p.copy_(tensors[name])
+            for name, value in tensors.items():
+                params[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        record = json.loads(state["record"])
-        if record is not None and record["epoch"] not in self._logged_epochs():  # killed before logging it
-            self._log(record)
-        return state["epoch"], state["step"], state["losses"].tolist(), record or {}
+        self.load_run_state(json.loads(state["run_state"]))
+        at = Position(state["epoch"], state["step"], state["optimizer_steps"], state["losses"].tolist(),
+                      json.loads(state["record"]) or {})
+        self._keep_records_until(at.steps if self.settings.unit == "step" else at.epoch, at.record)
+        return at
 
-    def _logged_epochs(self) -> set[int]:
-        path = self.out / METRICS
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return {json.loads(line)["epoch"] for line in lines if line.strip()}
+    def _keep_records_until(self, unit: int, record: dict[str, Any]) -> None:
+        """Drop the records after `unit` (a killed run's, to be written again); add `record` if the kill
+        came between saving it and logging it."""
+        if not self.accelerator.is_main_process:
+            return
+        key, path = self.settings.unit, self.out / METRICS
+        lines = [line for line in (path.read_text().splitlines() if path.is_file() else []) if line.strip()]
+        kept = [line for line in lines if json.loads(line)[key] <= unit]
+        if record and not any(json.loads(line)[key] == record[key] for line in kept):
+            kept.append(json.dumps(record))
+        if kept != lines:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
 
     def _save_final(self) -> None:
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-
-        def write(d: Path) -> None:
-            save_file(self._trainable(), str(d / "trainable.safetensors"))
-            (d / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            (d / "classes.json").write_text(json.dumps(self.data.train.classes))
-            if isinstance(model, ResTuningBypassModel):
-                model.save_pretrained(d / "task")  # loadable alone, or as one task of a MultiTaskBypass
-
-        atomic_write_dir(self.out / FINAL, write)
-
-
-def accuracy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int,
-             device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy of `model(**inputs)` in batches."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()}
-        correct += (model(**batch).argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
-    return correct / len(labels)
-
-
-def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train `config` and return the last epoch's metrics."""
-    return Trainer(config, progress).run()
+        if self.accelerator.is_main_process:
+            atomic_write_dir(self.out / FINAL, self.write_final)
