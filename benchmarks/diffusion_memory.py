@@ -13,12 +13,14 @@ peak is also given less what the interpreter and libraries hold before the model
 (`peak_rss_over_imports_bytes`), which matters for small configs.
 
     python benchmarks/diffusion_memory.py --json out/diffusion_memory.json          # SD v1.5 (~20 GB on CPU)
+    python benchmarks/diffusion_memory.py --precision bf16 --json out/diffusion_memory_bf16.json  # mixed precision
     python benchmarks/diffusion_memory.py --config tiny --json out/tiny.json         # a quick check
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -31,7 +33,8 @@ import torch
 from _report import machine, median, table, write_json
 from torch import nn
 
-METHODS = ("full", "peft_lora", "restuning", "bypass", "bypass_bf16_unet")
+METHODS = ("full", "peft_lora", "restuning", "bypass")
+PRECISIONS = ("fp32", "bf16")
 SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -51,15 +54,18 @@ RATIO_KEYS = ("saved_activation_bytes", "param_grad_optim_bytes", "peak_rss_byte
               "cuda_max_allocated_bytes", "step_seconds")
 
 
-def build(method: str, config: str, device: str) -> nn.Module:
-    """The UNet prepared for `method`; calling it returns the noise prediction (see `predict`)."""
+def build(method: str, config: str, device: str, precision: str) -> nn.Module:
+    """The UNet prepared for `method`; calling it returns the noise prediction (see `predict`). With `bf16`
+    a frozen UNet is built in bf16 (no fp32 copy ever exists) and the trainable weights are float32, as
+    `restuning diffusion-train` does with `mixed_precision: bf16`; `full` trains its weights, so they stay
+    float32 and only the computation is bf16 (autocast)."""
     from diffusers import UNet2DConditionModel
 
     import restuning
+    from restuning.diffusion.train import upcast_trainable
 
     torch.manual_seed(0)
-    # bypass_bf16_unet builds its UNet in bf16, so that no fp32 copy ever exists in the process.
-    torch.set_default_dtype(torch.bfloat16 if method == "bypass_bf16_unet" else torch.float32)
+    torch.set_default_dtype(torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32)
     unet = UNet2DConditionModel(**CONFIGS[config]["unet"]).to(device)
     torch.set_default_dtype(torch.float32)
     if method == "full":
@@ -69,36 +75,32 @@ def build(method: str, config: str, device: str) -> nn.Module:
 
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        return unet
+        return upcast_trainable(unet)
     if method == "restuning":
-        return restuning.get_restuning_model(unet, restuning.ResTuningConfig())
+        return upcast_trainable(restuning.get_restuning_model(unet, restuning.ResTuningConfig()))
     if method == "bypass":
-        return restuning.get_restuning_model(unet, restuning.BypassConfig())
-    if method == "bypass_bf16_unet":  # the frozen UNet kept in bf16, as a frozen backbone may be; the bypass in fp32
-        model = restuning.get_restuning_model(unet, restuning.BypassConfig())
-        model.task.float()
-        return model
+        return upcast_trainable(restuning.get_restuning_model(unet, restuning.BypassConfig()))
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
 def predict(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    dtype = next(getattr(model, "base_model", model).parameters()).dtype  # the UNet's own (bf16 for bypass_bf16_unet)
-    out = model(sample.to(dtype), timestep, encoder_hidden_states=text.to(dtype))
+    out = model(sample, timestep, encoder_hidden_states=text)
     out = out if isinstance(out, torch.Tensor) else out.sample  # the bypass returns a tensor; diffusers a dataclass
     return out.float()
 
 
-def measure(method: str, config: str, batch: int, steps: int, device: str) -> dict[str, Any]:
+def measure(method: str, config: str, batch: int, steps: int, device: str, precision: str) -> dict[str, Any]:
     """A warm-up AdamW step, then `steps` timed ones, of `method`; run in a fresh process."""
     from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: F401  (imported before the baseline RSS)
 
     import restuning  # noqa: F401
+    import restuning.diffusion.train  # noqa: F401
     from restuning.memory import SavedTensorMeter, state_bytes
 
     if method == "peft_lora":
         import peft  # noqa: F401
     import_rss = _rss()  # the interpreter, torch and the libraries: the same for every method
-    model = build(method, config, device)
+    model = build(method, config, device, precision)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)  # paper Table 11
@@ -116,11 +118,8 @@ def measure(method: str, config: str, batch: int, steps: int, device: str) -> di
     def step(meter: SavedTensorMeter | None = None) -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        if meter is None:
+        with meter or contextlib.nullcontext(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
             loss = nn.functional.mse_loss(predict(model, noisy, timesteps, text).float(), noise)
-        else:
-            with meter:
-                loss = nn.functional.mse_loss(predict(model, noisy, timesteps, text).float(), noise)
         loss.backward()
         optimizer.step()
         sync()
@@ -156,7 +155,7 @@ def _rss() -> int:
 
 def _run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", method, "--config", args.config, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--device", args.device]
+           "--steps", str(args.steps), "--device", args.device, "--precision", args.precision]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -190,13 +189,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step; median reported")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: every method under bf16 autocast, frozen UNets stored in bf16, trainable "
+                             "weights and AdamW in float32 (ratios are to full fine-tuning in the same precision)")
     parser.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's own)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(measure(args.worker, args.config, args.batch, args.steps, args.device)))
+        print(json.dumps(measure(args.worker, args.config, args.batch, args.steps, args.device, args.precision)))
         return
 
     methods = ["full", *[m for m in args.methods if m != "full"]]
@@ -206,7 +208,7 @@ def main() -> None:
         row["ratio_to_full"] = _ratios(row, full)
 
     print(f"UNet ({args.config}), latents {CONFIGS[args.config]['latent']}x{CONFIGS[args.config]['latent']}, "
-          f"batch {args.batch}, one AdamW step on {args.device}; step time: median of {args.steps}")
+          f"batch {args.batch}, {args.precision}, one AdamW step on {args.device}; step time: median of {args.steps}")
     header = ("method", "trainable", "saved act MiB", "act/full", "param+grad+optim MiB", "state/full", "peak MiB",
               "peak/full", "peak-imports MiB", "/full", "cuda MiB", "cuda/full", "step s", "time/full")
     lines = []
@@ -226,7 +228,7 @@ def main() -> None:
     peak_key = "cuda_max_allocated_bytes" if args.device == "cuda" else "peak_rss_bytes"
     bypass_ratio = rows.get("bypass", {}).get("ratio_to_full", {}).get(peak_key)
     meta = {"config": args.config, "unet": CONFIGS[args.config]["unet"], "latent": CONFIGS[args.config]["latent"],
-            "batch": args.batch, "steps": args.steps, "device": args.device, "dtype": "float32",
+            "batch": args.batch, "steps": args.steps, "device": args.device, "precision": args.precision,
             "optimizer": "AdamW lr 1e-4", "lora": {"r": 4, "lora_alpha": 4, "target_modules": LORA_TARGETS},
             **machine(),
             "goal": {"bypass_peak_ratio_to_full": bypass_ratio, "on": peak_key, "target": 0.25, "paper": 0.29,

@@ -299,6 +299,32 @@ def test_fid_needs_local_inception(tmp_path, monkeypatch):
     assert fid(images, images * 0.5, tmp_path / "pool.pt") > 1e-3
 
 
+@pytest.mark.parametrize("method", ["bypass", "restuning", "peft_lora", "full"])
+def test_bf16_mixed_precision_stores_the_frozen_unet_in_bf16_and_trains_in_float32(tmp_path, method):
+    """With `mixed_precision: bf16` a frozen UNet is kept in bf16 (half its bytes) while the trainable weights
+    and AdamW's state stay float32; `full` trains the UNet, so it stays float32 under autocast."""
+    from restuning.diffusion.train import DiffusionTrainer
+
+    components = tiny_pipeline(0)
+    unet_before = {n: p.clone() for n, p in components.unet.state_dict().items()}
+    base = run_config(tmp_path, method).to_dict()
+    base["optim"]["mixed_precision"] = "bf16"
+    trainer = DiffusionTrainer(from_dict(DiffusionTrainConfig, base), progress=False, components=components)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    if method == "full":
+        assert not frozen
+    else:
+        assert frozen and all(p.dtype == torch.bfloat16 for p in components.unet.parameters() if not p.requires_grad)
+    result = trainer.run()
+    assert result["eval_loss"] < result["eval_loss_start"], result
+    if method != "full":  # the stored bf16 weights are the fp32 ones rounded, and never change
+        for n, p in components.unet.state_dict().items():
+            if n in unet_before and p.dtype == torch.bfloat16:
+                assert torch.equal(p, unet_before[n].to(torch.bfloat16)), n
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     from restuning.diffusion.train import DiffusionTrainer
 

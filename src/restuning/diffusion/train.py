@@ -68,6 +68,16 @@ def build_denoiser(method: str, unet: nn.Module, options: dict[str, Any]) -> nn.
     raise ConfigError(f"method.name: expected full, restuning, bypass or peft_lora, got {method!r}")
 
 
+def upcast_trainable(model: nn.Module) -> nn.Module:
+    """Trainable parameters to float32, the optimizer's master copy (and what a GradScaler unscales); frozen
+    ones keep their dtype. Tuners are built in their backbone's dtype, so a half-precision frozen UNet would
+    otherwise give half-precision tuners."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
 def predicted_noise(output: Any) -> torch.Tensor:
     """A denoiser's output as a tensor: diffusers' `UNet2DConditionOutput.sample`, a tuple's first item, or
     the tensor itself (the bypass returns one)."""
@@ -166,12 +176,14 @@ class DiffusionTrainer(TrainingLoop):
             find_unused_parameters=config.method.name == "full"), progress)
         self.config = config
         self.components = components or load_components(config.model)
-        frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(o.mixed_precision)
-        self.components.to(self.accelerator.device, frozen_dtype)
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(o.mixed_precision)
+        self.components.to(self.accelerator.device, half)
+        if half is not None and config.method.name != "full":
+            self.components.unet.to(dtype=half)  # frozen: stored in half precision, as the VAE and text encoder
         self.data = load_captioned(config)
         self.num_examples = len(self.data)
         torch.manual_seed(config.seed)
-        self.model = build_denoiser(config.method.name, self.components.unet, config.method.config)
+        self.model = upcast_trainable(build_denoiser(config.method.name, self.components.unet, config.method.config))
         self.evaluation = fixed_batch(self.components, self.data, config.eval_size, config.seed,
                                       self.accelerator.device)
         self.start_loss: float | None = None
@@ -192,7 +204,8 @@ class DiffusionTrainer(TrainingLoop):
         return diffusion_loss(model, comps.noise_scheduler, latents, text, noise, timesteps)
 
     def evaluate(self) -> dict[str, float]:
-        return {"eval_loss": fixed_batch_loss(self.unwrapped, self.components.noise_scheduler, self.evaluation)}
+        with self.accelerator.autocast():  # as training: with mixed precision the frozen UNet is half
+            return {"eval_loss": fixed_batch_loss(self.unwrapped, self.components.noise_scheduler, self.evaluation)}
 
     def start_record(self) -> dict[str, Any]:
         record = self.evaluate()

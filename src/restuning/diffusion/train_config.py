@@ -60,7 +60,9 @@ class DiffusionOptimConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    # no | bf16 | fp16: autocast, and the frozen VAE, text encoder and (all methods but `full`) UNet stored in
+    # that dtype, as diffusers' training scripts do; trainable weights and the optimizer stay float32.
+    mixed_precision: str = "no"
 
 
 @dataclass
