@@ -96,6 +96,44 @@ def test_mnist_captions_and_subject_mode(tmp_path):
     assert len(subject) == 8 and set(subject.captions) == {"a photo of sks digit"}
 
 
+def test_prior_preservation_adds_class_images_with_the_class_prompt(tmp_path):
+    """Subject mode with `class_path`: each batch is the subject's images then as many class images prompted
+    "a photo of digit", and the loss is MSE(subject) + prior_loss_weight x MSE(class) (DreamBooth)."""
+    from restuning.diffusion.train import DiffusionTrainer, diffusion_loss
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in range(3):
+        write_png(class_dir / f"{i}.png", 20, 20, 60 * i)
+    config = run_config(tmp_path, "bypass", mode="subject", digits=[7], class_path=str(class_dir),
+                        prior_loss_weight=0.5)
+    trainer = DiffusionTrainer(config, progress=False, components=tiny_pipeline(0))
+    seen = {}
+
+    def spy(sample, timesteps, text):  # the denoiser's inputs; predicts zero noise
+        seen.update(sample=sample, text=text)
+        return torch.zeros_like(sample)
+
+    loss = trainer.batch_loss(spy, torch.tensor([0, 1, 2, 3]), epoch=0, batch=0)
+    comps = trainer.components
+    assert seen["sample"].shape[0] == 8
+    subject, klass = comps.encode_prompts(["a photo of sks digit"]), comps.encode_prompts(["a photo of digit"])
+    assert torch.equal(seen["text"][:4], subject.expand(4, -1, -1))
+    assert torch.equal(seen["text"][4:], klass.expand(4, -1, -1))
+    # With a zero prediction each half's MSE is its noise's mean square: the weights must show in the sum.
+    noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    latents, timesteps = torch.zeros_like(noise), torch.zeros(8, dtype=torch.long)
+    weighted = diffusion_loss(spy, comps.noise_scheduler, latents, seen["text"], noise, timesteps, 0.5)
+    assert weighted.item() == pytest.approx(noise[:4].square().mean().item() + 0.5 * noise[4:].square().mean().item())
+    assert torch.isfinite(loss)
+    result = trainer.run()  # and it trains
+    assert torch.isfinite(torch.tensor(result["train_loss"]))
+    with pytest.raises(ConfigError, match="class_path: class images"):
+        run_config(tmp_path, "bypass", class_path=str(class_dir))  # caption mode
+    with pytest.raises(ConfigError, match="not a folder"):
+        run_config(tmp_path, "bypass", mode="subject", digits=[7], class_path=str(tmp_path / "none"))
+
+
 def test_config_errors(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("method: {name: restuning}\ndata: {resolution: 16}\n")

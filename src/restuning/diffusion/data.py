@@ -170,6 +170,11 @@ def mnist_captions(resolution: int, digits: list[int] | None = None, per_digit: 
     return CaptionedImages([data.inputs[i] for i in index], captions, resolution)
 
 
+def class_prompt(class_name: str, template: str = SUBJECT_TEMPLATE) -> str:
+    """DreamBooth's class prompt: the instance prompt without its token, e.g. "a photo of dog"."""
+    return " ".join(subject_prompt("", class_name, template).split())
+
+
 def subject_prompt(token: str, class_name: str, template: str = SUBJECT_TEMPLATE) -> str:
     """DreamBooth's instance prompt, e.g. "a photo of sks dog"."""
     try:

@@ -22,7 +22,16 @@ from ..bypass.config import BypassConfig
 from ..config import ConfigError, ResTuningConfig
 from ..model import ResTuningModel, get_restuning_model
 from ..train.loop import FINAL, LoopSettings, TrainingLoop
-from .data import CaptionedImages, caption_folder, caption_jsonl, mnist_captions, random_flip, subject_prompt, to_signed
+from .data import (
+    CaptionedImages,
+    caption_folder,
+    caption_jsonl,
+    class_prompt,
+    mnist_captions,
+    random_flip,
+    subject_prompt,
+    to_signed,
+)
 from .pipeline import SDComponents, load_components
 from .train_config import DiffusionTrainConfig
 
@@ -48,6 +57,15 @@ def load_captioned(config: DiffusionTrainConfig) -> CaptionedImages:
     if d.mode == "subject":
         data = data.with_captions(subject_prompt(d.token, d.class_name or "digit", d.template))
     return data
+
+
+def load_class_images(config: DiffusionTrainConfig) -> CaptionedImages | None:
+    """Subject mode's class images for the prior-preservation loss, all with the class prompt; None without."""
+    d = config.data
+    if d.class_path is None:
+        return None
+    images = caption_folder(d.class_path, d.resolution, d.center_crop, need_captions=False)
+    return images.with_captions(class_prompt(d.class_name or "digit", d.template))
 
 
 # --- methods -------------------------------------------------------------------------------------
@@ -132,12 +150,18 @@ def load_run(run_dir: str | Path) -> tuple[SDComponents, nn.Module, DiffusionTra
 
 # --- the loss --------------------------------------------------------------------------------------
 def diffusion_loss(model: nn.Module, noise_scheduler, latents: torch.Tensor, text: torch.Tensor,
-                   noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+                   noise: torch.Tensor, timesteps: torch.Tensor, prior_weight: float | None = None) -> torch.Tensor:
     """MSE between the predicted and the true noise of `z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) noise`.
-    latents, noise: (B, C, h, w); text: (B, T, D); timesteps: (B,) ints in [0, num_train_timesteps)."""
+    latents, noise: (B, C, h, w); text: (B, T, D); timesteps: (B,) ints in [0, num_train_timesteps).
+    With `prior_weight` the second half of the batch is class images (DreamBooth's prior preservation):
+    MSE(first half) + prior_weight x MSE(second half)."""
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = predicted_noise(model(noisy, timesteps, text))
-    return F.mse_loss(prediction.float(), noise.float())
+    prediction = predicted_noise(model(noisy, timesteps, text)).float()
+    if prior_weight is None:
+        return F.mse_loss(prediction, noise.float())
+    instance, prior = prediction.chunk(2)
+    instance_noise, prior_noise = noise.float().chunk(2)
+    return F.mse_loss(instance, instance_noise) + prior_weight * F.mse_loss(prior, prior_noise)
 
 
 def fixed_batch(components: SDComponents, data: CaptionedImages, size: int, seed: int,
@@ -181,6 +205,7 @@ class DiffusionTrainer(TrainingLoop):
         if half is not None and config.method.name != "full":
             self.components.unet.to(dtype=half)  # frozen: stored in half precision, as the VAE and text encoder
         self.data = load_captioned(config)
+        self.class_images = load_class_images(config)
         self.num_examples = len(self.data)
         torch.manual_seed(config.seed)
         self.model = upcast_trainable(build_denoiser(config.method.name, self.components.unet, config.method.config))
@@ -190,18 +215,25 @@ class DiffusionTrainer(TrainingLoop):
 
     def batch_loss(self, model: nn.Module, index: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
         """Images -> latents, captions -> text states, a noise and a timestep per sample, from a generator
-        seeded by the batch's place in the run (so a resumed run draws the same)."""
+        seeded by the batch's place in the run (so a resumed run draws the same). With class images, as many
+        of them (drawn at random) follow the subject's, for the prior-preservation loss."""
         comps, acc = self.components, self.accelerator
         g = torch.Generator().manual_seed(hash((self.config.seed, acc.process_index, epoch, batch)) % 2**31)
         images, captions = self.data.batch(index)
+        prior_weight = None
+        if self.class_images is not None:
+            class_images, class_captions = self.class_images.batch(
+                torch.randint(len(self.class_images), (len(index),), generator=g))
+            images, captions = torch.cat([images, class_images]), captions + class_captions
+            prior_weight = self.config.data.prior_loss_weight
         if self.config.data.random_flip:
             images = random_flip(images, g)
         latents = comps.encode_images(to_signed(images).to(acc.device), g)
         text = comps.encode_prompts(captions)
         noise = torch.randn(latents.shape, generator=g).to(latents)
-        timesteps = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (len(index),),
+        timesteps = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (len(images),),
                                   generator=g).to(acc.device)
-        return diffusion_loss(model, comps.noise_scheduler, latents, text, noise, timesteps)
+        return diffusion_loss(model, comps.noise_scheduler, latents, text, noise, timesteps, prior_weight)
 
     def evaluate(self) -> dict[str, float]:
         with self.accelerator.autocast():  # as training: with mixed precision the frozen UNet is half

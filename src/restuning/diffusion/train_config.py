@@ -33,6 +33,10 @@ class DiffusionDataConfig:
         digits, per_digit: MNIST only: which digits (subject mode: exactly one, the task's class) and how
             many images of each.
         max_items: keep the first n images.
+        class_path: subject mode only: a folder of images of the subject's class, for DreamBooth's
+            prior-preservation loss (each batch adds as many class images, prompted "a photo of dog", and
+            the loss is the subject's MSE + `prior_loss_weight` x the class images' MSE). DreamBooth makes
+            them with the base model: `restuning generate --model <base> --prompt "a photo of dog" --out DIR`.
     """
 
     source: str = "mnist"
@@ -47,6 +51,8 @@ class DiffusionDataConfig:
     token: str = "sks"
     class_name: str | None = None
     template: str = SUBJECT_TEMPLATE
+    class_path: str | None = None
+    prior_loss_weight: float = 1.0
 
 
 @dataclass
@@ -114,6 +120,13 @@ class DiffusionTrainConfig:
                                   f"task), got {d.digits!r}")
             if d.source != "mnist" and not d.class_name:
                 raise ConfigError("data.class_name: subject mode needs the subject's class, e.g. dog")
+        if d.class_path is not None:
+            if d.mode != "subject":
+                raise ConfigError("data.class_path: class images (prior preservation) are for data.mode subject")
+            if not Path(d.class_path).is_dir():
+                raise ConfigError(f"data.class_path: {d.class_path!r} is not a folder of class images")
+            if d.prior_loss_weight <= 0:
+                raise ConfigError(f"data.prior_loss_weight: expected a positive number, got {d.prior_loss_weight!r}")
         require_positive({"data.resolution": d.resolution, "optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
                           "optim.grad_accum": o.grad_accum, "log_every": self.log_every, "eval_size": self.eval_size})
         require_positive({"optim.max_steps": o.max_steps, "data.per_digit": d.per_digit,
