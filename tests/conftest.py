@@ -132,3 +132,14 @@ def _image32():
 
 CNN_CASES = {c.name: c for c in (ModelCase("convnext", _convnext, _image32), ModelCase("resnet", _resnet, _image32))}
 ALL_CASES = {**CASES, **CNN_CASES}
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (precision included); a test that needs another precision
+    starts from a fresh one and leaves a fresh one behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

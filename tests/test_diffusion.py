@@ -338,7 +338,8 @@ def test_fid_needs_local_inception(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["bypass", "restuning", "peft_lora", "full"])
-def test_bf16_mixed_precision_stores_the_frozen_unet_in_bf16_and_trains_in_float32(tmp_path, method):
+def test_bf16_mixed_precision_stores_the_frozen_unet_in_bf16_and_trains_in_float32(tmp_path, method,
+                                                                                   fresh_accelerate_state):
     """With `mixed_precision: bf16` a frozen UNet is kept in bf16 (half its bytes) while the trainable weights
     and AdamW's state stay float32; `full` trains the UNet, so it stays float32 under autocast."""
     from restuning.diffusion.train import DiffusionTrainer

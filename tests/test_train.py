@@ -210,18 +210,12 @@ def test_image_folders_train(tmp_path):
     assert 0.0 <= trainer.run()["test_accuracy"] <= 1.0
 
 
-def test_bf16_and_gradient_accumulation(tmp_path):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # one process, another precision: a fresh Accelerate state
-    try:
-        config = _config(tmp_path, "restuning", mixed_precision="bf16", grad_accum=2)
-        result = Trainer(config, progress=False).run()
-        records = [json.loads(x) for x in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-        assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
-        assert 0.0 <= result["test_accuracy"] <= 1.0
-    finally:
-        AcceleratorState._reset_state(True)
+def test_bf16_and_gradient_accumulation(tmp_path, fresh_accelerate_state):
+    config = _config(tmp_path, "restuning", mixed_precision="bf16", grad_accum=2)
+    result = Trainer(config, progress=False).run()
+    records = [json.loads(x) for x in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
+    assert 0.0 <= result["test_accuracy"] <= 1.0
 
 
 def test_predict_serves_several_runs_and_plot_draws_them(tmp_path):

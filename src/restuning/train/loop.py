@@ -85,6 +85,11 @@ class Position:
     losses: list[float] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def epoch_number(self) -> int:
+        """1-based: the epoch under way, or the one just finished."""
+        return self.epoch if self.batch == 0 else self.epoch + 1
+
 
 class TrainingLoop:
     """`run()` trains (resuming from `output_dir/checkpoint` if there is one), writes `metrics.jsonl`,
@@ -187,7 +192,7 @@ class TrainingLoop:
                     if end_of_epoch:
                         at.epoch, at.batch = epoch + 1, 0
                     last = at.steps >= total
-                    unit = at.steps if s.unit == "step" else at.epoch
+                    unit = at.steps if s.unit == "step" else at.epoch_number
                     record = {}
                     if s.unit == "step" or end_of_epoch or last:
                         record = self._record(unit, at, scheduler, time.perf_counter() - began, timed, last)
@@ -231,7 +236,7 @@ class TrainingLoop:
             record.update(self.summary())
         if not record:
             return record
-        return {"epoch": at.epoch if at.batch == 0 else at.epoch + 1, "step": at.steps, s.unit: unit, **record}
+        return {"epoch": at.epoch_number, "step": at.steps, s.unit: unit, **record}
 
     # --- files --------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
