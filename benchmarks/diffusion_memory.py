@@ -56,9 +56,9 @@ RATIO_KEYS = ("saved_activation_bytes", "param_grad_optim_bytes", "peak_rss_byte
 
 def build(method: str, config: str, device: str, precision: str) -> nn.Module:
     """The UNet prepared for `method`; calling it returns the noise prediction (see `predict`). With `bf16`
-    a frozen UNet is built in bf16 (no fp32 copy ever exists) and the trainable weights are float32, as
-    `restuning diffusion-train` does with `mixed_precision: bf16`; `full` trains its weights, so they stay
-    float32 and only the computation is bf16 (autocast)."""
+    a frozen UNet is stored in bf16 (built so, so that no fp32 copy ever exists in the process) and the
+    trainable weights in float32, as `restuning diffusion-train` stores them with `mixed_precision: bf16`;
+    `full` trains its weights, so they stay float32 and only the computation is bf16 (autocast)."""
     from diffusers import UNet2DConditionModel
 
     import restuning

@@ -130,8 +130,9 @@ def test_prior_preservation_adds_class_images_with_the_class_prompt(tmp_path):
     assert torch.isfinite(torch.tensor(result["train_loss"]))
     with pytest.raises(ConfigError, match="class_path: class images"):
         run_config(tmp_path, "bypass", class_path=str(class_dir))  # caption mode
-    with pytest.raises(ConfigError, match="not a folder"):
-        run_config(tmp_path, "bypass", mode="subject", digits=[7], class_path=str(tmp_path / "none"))
+    missing = run_config(tmp_path, "bypass", mode="subject", digits=[7], class_path=str(tmp_path / "none"))
+    with pytest.raises(DataError, match="no such folder"):
+        DiffusionTrainer(missing, progress=False, components=tiny_pipeline(0))
 
 
 def test_config_errors(tmp_path):
@@ -375,7 +376,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     straight = DiffusionTrainer(config("straight"), progress=False, components=tiny_pipeline(0))
     straight.run()
     killed = config("killed", checkpoint_every=4)
-    assert DiffusionTrainer(killed, progress=False, components=tiny_pipeline(0)).run(stop_after_steps=6)["stopped"]
+    assert DiffusionTrainer(killed, progress=False, components=tiny_pipeline(0)).run(stop_after_batches=6)["stopped"]
     resumed = DiffusionTrainer(killed, progress=False, components=tiny_pipeline(0))
     result = resumed.run()
     assert result["step"] == 8
@@ -393,6 +394,11 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     # Started again, a finished run trains no more and returns its last record.
     assert DiffusionTrainer(killed, progress=False, components=tiny_pipeline(0)).run() == result
     assert len(records("killed")) == 3
+    # Without checkpoints a run started again starts over, and its log with it.
+    before = records("straight")
+    DiffusionTrainer(config("straight"), progress=False, components=tiny_pipeline(0)).run()
+    assert [r["step"] for r in records("straight")] == [0, 4, 8]
+    assert records("straight")[-1]["eval_loss"] == pytest.approx(before[-1]["eval_loss"], rel=1e-6)
 
 
 def test_sd_folder_layout_round_trip(tmp_path):

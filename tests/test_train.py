@@ -137,9 +137,9 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_p
     whole = _config(tmp_path / "a", "restuning", grad_accum=grad_accum)
     expected = Trainer(whole, progress=False).run()
     resumed = _config(tmp_path / "b", "restuning", grad_accum=grad_accum)
-    assert Trainer(resumed, progress=False).run(stop_after_steps=5) == {"stopped": True}  # killed in epoch 1
+    assert Trainer(resumed, progress=False).run(stop_after_batches=5) == {"stopped": True}  # killed in epoch 1
     state = torch.load(Path(resumed.output_dir) / "checkpoint" / "state.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (0, 4)
+    assert (state["epoch"], state["batch"]) == (0, 4)
     result = Trainer(resumed, progress=False).run()
     assert result["test_accuracy"] == expected["test_accuracy"]
     assert result["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)

@@ -65,7 +65,7 @@ def load_class_images(config: DiffusionTrainConfig) -> CaptionedImages | None:
     if d.class_path is None:
         return None
     images = caption_folder(d.class_path, d.resolution, d.center_crop, need_captions=False)
-    return images.with_captions(class_prompt(d.class_name or "digit", d.template))
+    return images.with_captions(d.class_prompt or class_prompt(d.class_name or "digit", d.template))
 
 
 # --- methods -------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def build_denoiser(method: str, unet: nn.Module, options: dict[str, Any]) -> nn.
 def upcast_trainable(model: nn.Module) -> nn.Module:
     """Trainable parameters to float32, the optimizer's master copy (and what a GradScaler unscales); frozen
     ones keep their dtype. Tuners are built in their backbone's dtype, so a half-precision frozen UNet would
-    otherwise give half-precision tuners."""
+    otherwise give half-precision tuners. Buffers are left as they are (the tuners have none)."""
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -201,9 +201,9 @@ class DiffusionTrainer(TrainingLoop):
         self.config = config
         self.components = components or load_components(config.model)
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(o.mixed_precision)
-        self.components.to(self.accelerator.device, half)
         if half is not None and config.method.name != "full":
             self.components.unet.to(dtype=half)  # frozen: stored in half precision, as the VAE and text encoder
+        self.components.to(self.accelerator.device, half)  # cast before the move: no float32 copy on the device
         self.data = load_captioned(config)
         self.class_images = load_class_images(config)
         self.num_examples = len(self.data)

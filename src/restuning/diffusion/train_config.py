@@ -37,6 +37,7 @@ class DiffusionDataConfig:
             prior-preservation loss (each batch adds as many class images, prompted "a photo of dog", and
             the loss is the subject's MSE + `prior_loss_weight` x the class images' MSE). DreamBooth makes
             them with the base model: `restuning generate --model <base> --prompt "a photo of dog" --out DIR`.
+        class_prompt: the class images' prompt; default: `template` without its token.
     """
 
     source: str = "mnist"
@@ -52,6 +53,7 @@ class DiffusionDataConfig:
     class_name: str | None = None
     template: str = SUBJECT_TEMPLATE
     class_path: str | None = None
+    class_prompt: str | None = None
     prior_loss_weight: float = 1.0
 
 
@@ -107,11 +109,11 @@ class DiffusionTrainConfig:
             raise ConfigError(f"data.source: expected one of {SOURCES}, got {d.source!r}")
         if d.mode not in MODES:
             raise ConfigError(f"data.mode: expected one of {MODES}, got {d.mode!r}")
+        # Paths are read (and missing ones reported) when a run loads its data, not here: a finished run's
+        # config must still load (`generate`, `load_run`) after its training images are gone.
         if d.source != "mnist":
             if not d.path:
                 raise ConfigError(f"data.path: data.source {d.source!r} needs a path")
-            if not Path(d.path).exists():
-                raise ConfigError(f"data.path: {d.path!r} does not exist")
             if d.digits is not None or d.per_digit is not None:
                 raise ConfigError("data.digits / data.per_digit: only for data.source mnist")
         if d.mode == "subject":
@@ -123,8 +125,6 @@ class DiffusionTrainConfig:
         if d.class_path is not None:
             if d.mode != "subject":
                 raise ConfigError("data.class_path: class images (prior preservation) are for data.mode subject")
-            if not Path(d.class_path).is_dir():
-                raise ConfigError(f"data.class_path: {d.class_path!r} is not a folder of class images")
             if d.prior_loss_weight <= 0:
                 raise ConfigError(f"data.prior_loss_weight: expected a positive number, got {d.prior_loss_weight!r}")
         require_positive({"data.resolution": d.resolution, "optim.epochs": o.epochs, "optim.batch_size": o.batch_size,

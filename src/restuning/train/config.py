@@ -94,7 +94,7 @@ class TrainConfig:
             Face id, or a local model folder.
         output_dir: metrics.jsonl, checkpoints and the final tuned weights go here.
         eval_every: evaluate every this many epochs (and after the last).
-        checkpoint_every: steps between resumable checkpoints (0: at epoch ends only).
+        checkpoint_every: optimizer steps between resumable checkpoints (0: at epoch ends only).
         feature_cache: train methods that never back-propagate into the backbone (bypass, side_tuning,
             lst) from backbone features computed once, when the inputs are not augmented. `False` runs the
             backbone at every step (the same results; less memory, more time).

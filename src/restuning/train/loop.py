@@ -93,7 +93,10 @@ class Position:
 
 class TrainingLoop:
     """`run()` trains (resuming from `output_dir/checkpoint` if there is one), writes `metrics.jsonl`,
-    checkpoints, and `final/`."""
+    checkpoints, and `final/`. A record holds `epoch` (1-based) and `step` (optimizer steps so far), then
+    as due `train_loss` (mean over the batches since the last), `lr`, `train_seconds` and `step_seconds`
+    (per training batch: forward, backward and, at accumulation boundaries, the optimizer step), the
+    evaluation's metrics, and on the last the summary."""
 
     model: nn.Module
     num_examples: int
@@ -145,8 +148,8 @@ class TrainingLoop:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def run(self, stop_after_steps: int | None = None) -> dict[str, Any]:
-        """Train; the last record. `stop_after_steps` (batches) stops early as a kill would (for tests)."""
+    def run(self, stop_after_batches: int | None = None) -> dict[str, Any]:
+        """Train; the last record. `stop_after_batches` stops early as a kill would (for tests)."""
         s, acc = self.settings, self.accelerator
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -159,11 +162,14 @@ class TrainingLoop:
         total = min(s.max_steps or per_epoch * s.epochs, per_epoch * s.epochs)
         scheduler = acc.prepare(self._schedule(optimizer, total, per_epoch))
         at = self._resume(optimizer, scheduler)
-        fresh = at is None
-        at = at or Position()
+        if at is not None and at.steps >= total and (self.out / FINAL).is_dir():
+            return at.record  # finished: nothing to train or write again
+        if at is None:  # a fresh start: records of an earlier attempt that never checkpointed go
+            at = Position()
+            self._keep_records_until(-1, {})
+            if start := self.start_record():
+                self._log({s.unit: 0, **start})
         self.on_train_start()
-        if fresh and (start := self.start_record()):
-            self._log({s.unit: 0, **start})
         bar = tqdm(total=total, initial=at.steps, desc="training", disable=not (self.progress and acc.is_main_process))
         done, timed, began = 0, 0, time.perf_counter()
         for epoch in range(at.epoch, s.epochs):
@@ -196,17 +202,20 @@ class TrainingLoop:
                     record = {}
                     if s.unit == "step" or end_of_epoch or last:
                         record = self._record(unit, at, scheduler, time.perf_counter() - began, timed, last)
+                        model.train()  # evaluation switched it to eval mode
                     if "train_loss" in record:
-                        at.losses, timed, began = [], 0, time.perf_counter()
+                        at.losses = []
                     every = s.checkpoint_every and at.steps % s.checkpoint_every == 0
                     if every or (s.unit == "epoch" and end_of_epoch) or (last and s.checkpoint_every):
                         self._save_checkpoint(optimizer, scheduler, at, record)  # then log: never twice
                     if record:
                         self._log(record)
                         at.record = record
+                    if "train_loss" in record:  # timing restarts after evaluation and checkpoint writes
+                        timed, began = 0, time.perf_counter()
                     if last:
                         break
-                if stop_after_steps is not None and done >= stop_after_steps:
+                if stop_after_batches is not None and done >= stop_after_batches:
                     bar.close()
                     return {"stopped": True}
         bar.close()
@@ -229,14 +238,14 @@ class TrainingLoop:
         record: dict[str, Any] = {}
         if (last or unit % s.log_every == 0) and at.losses:
             record.update(train_loss=sum(at.losses) / len(at.losses), lr=scheduler.get_last_lr()[0],
-                          seconds=seconds, step_seconds=seconds / max(timed, 1))
+                          train_seconds=seconds, step_seconds=seconds / max(timed, 1))
         if last or (s.eval_every and unit % s.eval_every == 0):
             record.update(self.evaluate())
         if last:
             record.update(self.summary())
         if not record:
             return record
-        return {"epoch": at.epoch_number, "step": at.steps, s.unit: unit, **record}
+        return {"epoch": at.epoch_number, "step": at.steps, **record}
 
     # --- files --------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -254,7 +263,7 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        state = {"epoch": at.epoch, "step": at.batch, "optimizer_steps": at.steps,
+        state = {"epoch": at.epoch, "batch": at.batch, "optimizer_steps": at.steps,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "losses": torch.tensor(at.losses, dtype=torch.float64),
                  "record": json.dumps(record or at.record), "run_state": json.dumps(self.run_state())}
@@ -275,6 +284,10 @@ class TrainingLoop:
         if not (directory / "state.pt").is_file():
             return None
         state = torch.load(directory / "state.pt", weights_only=True)  # tensors and numbers only, no code
+        missing = sorted({"epoch", "batch", "optimizer_steps", "run_state"} - set(state))
+        if missing:
+            raise ConfigError(f"{directory}: a checkpoint from an older restuning (no {missing}); start this run in "
+                              f"a new output_dir")
         tensors = load_file(str(directory / "trainable.safetensors"))
         params = dict(self.unwrapped.named_parameters())
         mismatch = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
@@ -289,7 +302,7 @@ class TrainingLoop:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.load_run_state(json.loads(state["run_state"]))
-        at = Position(state["epoch"], state["step"], state["optimizer_steps"], state["losses"].tolist(),
+        at = Position(state["epoch"], state["batch"], state["optimizer_steps"], state["losses"].tolist(),
                       json.loads(state["record"]) or {})
         self._keep_records_until(at.steps if self.settings.unit == "step" else at.epoch, at.record)
         return at

@@ -97,9 +97,9 @@ class Trainer(TrainingLoop):
             return {"images": resize(data.inputs, round(self.config.data.image_size * 1.15))}
         return self.backbone.encode(data, self.config.data.image_size, self.config.data.max_length)
 
-    def _batch(self, index: torch.Tensor, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def _batch(self, index: torch.Tensor, epoch: int, batch: int) -> dict[str, torch.Tensor]:
         if "images" in self.inputs:
-            g = torch.Generator().manual_seed(hash((self.config.seed, epoch, step)) % 2**31)
+            g = torch.Generator().manual_seed(hash((self.config.seed, epoch, batch)) % 2**31)
             crops = random_resized_crop(self.inputs["images"][index], self.config.data.image_size, g)
             return {self.backbone.input_name: self.backbone.prepare(crops)}
         return {k: v[index] for k, v in self.inputs.items()}
