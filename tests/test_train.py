@@ -140,6 +140,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_p
     assert Trainer(resumed, progress=False).run(stop_after_batches=5) == {"stopped": True}  # killed in epoch 1
     state = torch.load(Path(resumed.output_dir) / "checkpoint" / "state.pt", weights_only=True)
     assert (state["epoch"], state["batch"]) == (0, 4)
+    with open(Path(resumed.output_dir) / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "train_lo')  # a record cut short by the kill: dropped on resume
     result = Trainer(resumed, progress=False).run()
     assert result["test_accuracy"] == expected["test_accuracy"]
     assert result["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)
@@ -149,6 +151,14 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_p
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6)
     epochs = [json.loads(x)["epoch"] for x in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+def test_a_damaged_checkpoint_is_refused_clearly(tmp_path):
+    config = _config(tmp_path, "linear")
+    assert Trainer(config, progress=False).run(stop_after_batches=2) == {"stopped": True}
+    (Path(config.output_dir) / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="checkpoint cannot be read.*remove it"):
+        Trainer(config, progress=False).run()
 
 
 def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp_path):

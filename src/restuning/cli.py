@@ -32,13 +32,19 @@ def _load(loader, args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .train.config import load_config
     from .train.trainer import train
 
     config = _load(load_config, args)
     if config is None:
         return 2
-    print(json.dumps(train(config, progress=not args.no_progress)))
+    try:
+        result = train(config, progress=not args.no_progress)
+    except ConfigError as err:  # e.g. a checkpoint in output_dir that does not fit or cannot be read
+        print(f"train: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
     return 0
 
 
@@ -176,14 +182,20 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _run_command(sub, name: str, func, help: str, config_help: str, set_help: str) -> None:
+    """A subcommand that runs a YAML run config: --config, --set KEY=VALUE overrides, --no-progress."""
+    command = sub.add_parser(name, help=help)
+    command.add_argument("--config", required=True, help=config_help)
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    command.add_argument("--no-progress", action="store_true")
+    command.set_defaults(func=func)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="restuning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a run described by a YAML config (see examples/)")
-    train.add_argument("--config", required=True, help="YAML file")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.epochs=2")
-    train.add_argument("--no-progress", action="store_true")
-    train.set_defaults(func=_train)
+    _run_command(sub, "train", _train, "train a run described by a YAML config (see examples/)", "YAML file",
+                 "override, e.g. optim.epochs=2")
     ev = sub.add_parser("eval", help="top-1 accuracy of a finished run")
     ev.add_argument("--run", required=True, help="the run's output_dir")
     ev.add_argument("--data", default=None, help="a shipped set to evaluate on instead of the run's test split")
@@ -202,11 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="smaller data and 2 epochs")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.set_defaults(func=_demo)
-    dt = sub.add_parser("diffusion-train", help="text-to-image fine-tuning of a diffusion UNet (YAML config)")
-    dt.add_argument("--config", required=True, help="YAML file (see examples/diffusion_mnist_restuning.yaml)")
-    dt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. optim.max_steps=10")
-    dt.add_argument("--no-progress", action="store_true")
-    dt.set_defaults(func=_diffusion_train)
+    _run_command(sub, "diffusion-train", _diffusion_train, "text-to-image fine-tuning of a diffusion UNet (YAML "
+                 "config)", "YAML file (see examples/diffusion_mnist_restuning.yaml)", "e.g. optim.max_steps=10")
     gen = sub.add_parser("generate", help="sample images (PLMS, classifier-free guidance) from a base model or runs")
     gen.add_argument("--run", action="append", help="a diffusion-train output_dir; several bypass runs share one "
                      "UNet forward per step (multi-task), prompt i going to run i")

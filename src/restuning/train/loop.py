@@ -283,12 +283,17 @@ class TrainingLoop:
         directory = self.out / CHECKPOINT
         if not (directory / "state.pt").is_file():
             return None
-        state = torch.load(directory / "state.pt", weights_only=True)  # tensors and numbers only, no code
+        try:
+            state = torch.load(directory / "state.pt", weights_only=True)  # tensors and numbers only, no code
+            tensors = load_file(str(directory / "trainable.safetensors"))
+        except Exception as err:  # unpickling, safetensors and OS errors alike
+            # The cause stays chained; torch's own text advises weights_only=False, which this must not do.
+            raise ConfigError(f"{directory}: the checkpoint cannot be read ({type(err).__name__}; damaged or not "
+                              f"restuning's); remove it to start the run over") from err
         missing = sorted({"epoch", "batch", "optimizer_steps", "run_state"} - set(state))
         if missing:
             raise ConfigError(f"{directory}: a checkpoint from an older restuning (no {missing}); start this run in "
                               f"a new output_dir")
-        tensors = load_file(str(directory / "trainable.safetensors"))
         params = dict(self.unwrapped.named_parameters())
         mismatch = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
         if mismatch:
@@ -313,9 +318,9 @@ class TrainingLoop:
         if not self.accelerator.is_main_process:
             return
         key, path = self.settings.unit, self.out / METRICS
-        lines = [line for line in (path.read_text().splitlines() if path.is_file() else []) if line.strip()]
-        kept = [line for line in lines if json.loads(line)[key] <= unit]
-        if record and not any(json.loads(line)[key] == record[key] for line in kept):
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept = [line for line in lines if _unit_of(line, key) <= unit]  # a line cut short by a kill goes too
+        if record and record[key] not in {_unit_of(line, key) for line in kept}:
             kept.append(json.dumps(record))
         if kept != lines:
             tmp = path.with_suffix(".tmp")
@@ -326,3 +331,11 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             atomic_write_dir(self.out / FINAL, self.write_final)
+
+
+def _unit_of(line: str, key: str) -> float:
+    """A metrics.jsonl line's epoch or step; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)[key]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
