@@ -14,13 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CheckpointError
+
 WEIGHTS_NAME = "restuning_model.safetensors"
 CONFIG_NAME = "restuning_config.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, damaged, or does not fit the model it is loaded into."""
 
 
 def atomic_write(path: Path, write) -> None:

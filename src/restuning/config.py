@@ -10,11 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 OP_KINDS = ("mha", "ffn", "block", "xattn")
 
-
-class ConfigError(ValueError):
-    """A configuration names something that does not exist or has the wrong type."""
 
 
 class DictConfig:

@@ -15,13 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MNIST_CAPTION = "a photo of the digit {digit}"
 SUBJECT_TEMPLATE = "a photo of {token} {class_name}"
-
-
-class DataError(ValueError):
-    """Image-caption data that is missing, unreadable or malformed."""
 
 
 @dataclass

@@ -9,12 +9,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import OP_KINDS, ResTuningConfig
+from ..errors import OpMatchError
 from .maps import FAMILIES, FamilyMap, family_for_model
 from .matching import name_matches
-
-
-class OpMatchError(LookupError):
-    """No op, or more than one candidate, where exactly one was expected."""
 
 
 @dataclass(frozen=True)
