@@ -49,7 +49,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           down_block_types=SD15_DOWN, up_block_types=SD15_UP),
              "latent": 16, "text_tokens": 77},
 }
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RATIO_KEYS = ("saved_activation_bytes", "param_grad_optim_bytes", "peak_rss_bytes", "peak_rss_over_imports_bytes",
               "cuda_max_allocated_bytes", "step_seconds")
 
@@ -61,26 +60,13 @@ def build(method: str, config: str, device: str, precision: str) -> nn.Module:
     `full` trains its weights, so they stay float32 and only the computation is bf16 (autocast)."""
     from diffusers import UNet2DConditionModel
 
-    import restuning
-    from restuning.diffusion.train import upcast_trainable
+    from restuning.diffusion.train import build_denoiser, upcast_trainable
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32)
     unet = UNet2DConditionModel(**CONFIGS[config]["unet"]).to(device)
     torch.set_default_dtype(torch.float32)
-    if method == "full":
-        return unet
-    if method == "peft_lora":
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        return upcast_trainable(unet)
-    if method == "restuning":
-        return upcast_trainable(restuning.get_restuning_model(unet, restuning.ResTuningConfig()))
-    if method == "bypass":
-        return upcast_trainable(restuning.get_restuning_model(unet, restuning.BypassConfig()))
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return upcast_trainable(build_denoiser(method, unet, {}))  # the registry's defaults, as diffusion-train
 
 
 def predict(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -91,14 +77,12 @@ def predict(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, text
 
 def measure(method: str, config: str, batch: int, steps: int, device: str, precision: str) -> dict[str, Any]:
     """A warm-up AdamW step, then `steps` timed ones, of `method`; run in a fresh process."""
+    import peft  # noqa: F401  (for every method, so that the baseline below is the same for all)
     from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: F401  (imported before the baseline RSS)
 
     import restuning  # noqa: F401
     import restuning.diffusion.train  # noqa: F401
     from restuning.memory import SavedTensorMeter, state_bytes
-
-    if method == "peft_lora":
-        import peft  # noqa: F401
     import_rss = _rss()  # the interpreter, torch and the libraries: the same for every method
     model = build(method, config, device, precision)
     model.train()
@@ -182,6 +166,8 @@ def _x(r: float | None) -> str:
 
 
 def main() -> None:
+    from restuning.methods import get_method
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
@@ -229,7 +215,7 @@ def main() -> None:
     bypass_ratio = rows.get("bypass", {}).get("ratio_to_full", {}).get(peak_key)
     meta = {"config": args.config, "unet": CONFIGS[args.config]["unet"], "latent": CONFIGS[args.config]["latent"],
             "batch": args.batch, "steps": args.steps, "device": args.device, "precision": args.precision,
-            "optimizer": "AdamW lr 1e-4", "lora": {"r": 4, "lora_alpha": 4, "target_modules": LORA_TARGETS},
+            "optimizer": "AdamW lr 1e-4", "lora": get_method("peft_lora").defaults["diffusion"],
             **machine(),
             "goal": {"bypass_peak_ratio_to_full": bypass_ratio, "on": peak_key, "target": 0.25, "paper": 0.29,
                      # Only SD v1.5 is the paper's setting; a tiny UNet's peak is mostly the interpreter's.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from restuning.bound import compare_forms
+from restuning.testing.reference import compare_forms
 
 
 def _vit(attn: str):

@@ -26,7 +26,18 @@ import torch
 from _report import machine, median, table, write_json
 from torch import nn
 
-METHODS = ("full", "linear", "restuning", "bypass", "bypass_all_tokens", "bypass_no_recompute", "peft_lora")
+# Row -> (registered method, its options). The bypass by default has a CLS head, so it runs on the CLS token
+# alone (exact); `all_tokens` pools the mean, which makes it run on every token, as in the paper;
+# `no_recompute` also keeps every bypass activation for backward.
+METHODS = {
+    "full": ("full", {}),
+    "linear": ("linear", {}),
+    "restuning": ("restuning", {}),
+    "bypass": ("bypass", {}),
+    "bypass_all_tokens": ("bypass", {"pooling": "mean"}),
+    "bypass_no_recompute": ("bypass", {"pooling": "mean", "recompute": False}),
+    "peft_lora": ("peft_lora", {"target_modules": ["q_proj", "v_proj"]}),
+}
 NUM_CLASSES = 100
 
 
@@ -40,44 +51,12 @@ def _backbone(image_size: int, layers: int, device: str) -> nn.Module:
     return ViTModel(config, add_pooling_layer=False).to(device)
 
 
-class _Classifier(nn.Module):
-    """Backbone -> CLS token of the last hidden state -> linear head."""
-
-    def __init__(self, backbone: nn.Module, frozen: bool):
-        super().__init__()
-        self.backbone, self.frozen = backbone, frozen
-        self.head = nn.Linear(backbone.config.hidden_size, NUM_CLASSES).to(next(backbone.parameters()).device)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.backbone(pixel_values=pixel_values).last_hidden_state
-        return self.head(hidden[:, 0])
-
-
 def build(method: str, image_size: int, layers: int, device: str) -> nn.Module:
-    import restuning
+    """The classifier a run of `method` trains (`restuning.methods`), on a ViT-B/16 of `layers` blocks."""
+    from restuning.methods import build_classifier
 
-    backbone = _backbone(image_size, layers, device)
-    if method == "full":
-        return _Classifier(backbone, frozen=False)
-    if method == "linear":
-        backbone.requires_grad_(False)
-        return _Classifier(backbone, frozen=True)
-    if method == "restuning":
-        return _Classifier(restuning.get_restuning_model(backbone, restuning.ResTuningConfig()), frozen=False)
-    if method.startswith("bypass"):
-        # Default: CLS head, so the bypass runs on the CLS token alone (exact). `all_tokens` pools the
-        # mean, which makes the bypass run on every token, as in the paper; `no_recompute` also keeps
-        # every bypass activation for backward.
-        config = restuning.BypassConfig(num_classes=NUM_CLASSES, pooling="mean" if method != "bypass" else "auto",
-                                        recompute=method != "bypass_no_recompute")
-        return restuning.get_restuning_model(backbone, config)
-    if method == "peft_lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        return _Classifier(lora, frozen=False)
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    name, options = METHODS[method]
+    return build_classifier(name, _backbone(image_size, layers, device), NUM_CLASSES, options)
 
 
 def measure(method: str, batch: int, image_size: int, layers: int, device: str) -> dict:
@@ -138,7 +117,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--layers", type=int, default=12, help="ViT-B/16 depth (12)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per method; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

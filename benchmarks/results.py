@@ -19,6 +19,7 @@ from pathlib import Path
 
 from _report import machine, table, write_json
 
+from restuning.methods import get_method
 from restuning.train.config import DataConfig, MethodConfig, OptimConfig, TrainConfig
 from restuning.train.trainer import Trainer
 
@@ -34,7 +35,7 @@ def config_for(task: str, method: str, size: str, seed: int, root: Path) -> Trai
     data = dict(data, **({"shots": int(size)} if size != "1000" else {"train_size": 1000}))
     n_train = 1000 if size == "1000" else int(size) * (2 if task.startswith("tweets") else 10)
     epochs = max(5, min(50, 4000 // n_train))  # about the same number of examples seen per run
-    if method == "bypass":
+    if get_method(method).reads_frozen_backbone:
         epochs *= 2  # trains from the feature cache
     optim = OptimConfig(lr=LR[method], epochs=epochs, warmup_epochs=0.1 * epochs, batch_size=32)
     return TrainConfig(backbone=backbone, method=MethodConfig(name=method), data=DataConfig(**data), optim=optim,

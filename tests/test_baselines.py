@@ -12,9 +12,10 @@ from conftest import CASES, hidden, train_steps
 from restuning.baselines import PRESETS, LadderSideTuning, LSTConfig, SideTuning, SideTuningConfig, VPTShallow
 from restuning.config import ConfigError
 from restuning.memory import SavedTensorMeter
+from restuning.methods import LastLayerClassifier, build_classifier, names
 from restuning.model import ResTuningModel
-from restuning.train.config import METHODS
-from restuning.train.methods import LastLayerClassifier, build_classifier
+
+METHODS = names("classification")
 
 FAMILIES = ["vit", "bert"]
 BACKBONE_FROZEN = [m for m in METHODS if m not in ("full", "bitfit")]
@@ -47,15 +48,15 @@ def test_every_method_trains_and_a_frozen_backbone_stays_untouched(method, famil
 
 
 def test_unknown_method_and_options_are_clear_errors():
-    with pytest.raises(ConfigError, match="expected one of linear, full"):
+    with pytest.raises(ConfigError, match="method.name: expected one of .*'adapter'.*got 'houlsby'"):
         build_classifier("houlsby", CASES["vit"].model(), 2, {})
     with pytest.raises(ConfigError, match="bitfit takes no options"):
         build_classifier("bitfit", CASES["vit"].model(), 2, {"dim": 3})
-    with pytest.raises(ConfigError, match="unknown ResTuningConfig key"):
+    with pytest.raises(ConfigError, match="method.config.rank: unknown key"):
         build_classifier("adaptformer", CASES["vit"].model(), 2, {"rank": 3})
-    with pytest.raises(ConfigError, match="lst reduction"):
+    with pytest.raises(ConfigError, match="method.config.reduction: expected a positive integer"):
         build_classifier("lst", CASES["vit"].model(), 2, {"reduction": 0})
-    with pytest.raises(ConfigError, match="unknown LoraConfig"):
+    with pytest.raises(ConfigError, match="unknown peft LoraConfig"):
         build_classifier("peft_lora", CASES["vit"].model(), 2, {"rank": 3})
 
 

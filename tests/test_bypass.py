@@ -225,7 +225,7 @@ def test_bad_configs_are_clear_errors():
         _bypass("vit", BypassConfig(layers=[5]))
     with pytest.raises(restuning.ConfigError, match="unknown tuner"):
         _bypass("vit", BypassConfig(horizontal="nope"))
-    with pytest.raises(restuning.ConfigError, match="unknown BypassConfig key"):
+    with pytest.raises(restuning.ConfigError, match="num_clases: unknown key; expected some of"):
         BypassConfig.from_dict({"num_clases": 3})
 
 

@@ -37,8 +37,13 @@ def test_roundtrip_through_dict():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(dim=0), "dim: expected a positive integer"),
-    (dict(mha=3), "mha: expected a tuner name"),
-    (dict(mha={"name": "res_adapter", "width": 3}), r"mha: unknown key\(s\) \['width'\]"),
+    (dict(mha=3), "mha: expected TunerSpec or str or null, got int"),
+    (dict(mha={"name": "res_adapter", "width": 3}), r"mha.width: unknown key"),
+    (dict(family=3), "family: expected str, got int 3"),
+    (dict(family="vitt"), "family: unknown family 'vitt'"),
+    (dict(mha={"name": "res_adapter", "dim": "ten"}), "mha.dim: expected int, got str 'ten'"),
+    (dict(mha={"name": "res_prefix", "options": {"modee": "exact"}}), r"mha: tuner 'res_prefix' has no option"),
+    (dict(layers=[0, -1]), "layers: expected at least 0, got -1"),
     (dict(layers="all"), "layers: expected a list"),
     (dict(target_modules={"qv": "q"}), r"custom op kind needs a tuner in custom\['qv'\]"),
     (dict(custom={"qv": "lora"}), r"needs target_modules\['qv'\]"),
@@ -49,7 +54,7 @@ def test_bad_config_names_the_key(kwargs, message):
 
 
 def test_unknown_config_key():
-    with pytest.raises(ConfigError, match=r"unknown ResTuningConfig key\(s\) \['tuner'\]"):
+    with pytest.raises(ConfigError, match=r"tuner: unknown key; expected some of \['block', 'custom'"):
         ResTuningConfig.from_dict({"tuner": "lora"})
 
 

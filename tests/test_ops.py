@@ -8,7 +8,7 @@ from conftest import CASES, DEPTH
 from torch import nn
 
 import restuning
-from restuning import OpMatchError, ResTuningConfig, find_ops
+from restuning import ConfigError, OpMatchError, ResTuningConfig, find_ops
 
 EXPECTED_MHA_EXIT = {
     "vit": "layers.0.attention",
@@ -124,8 +124,8 @@ def test_layer_subsets_and_bad_indices():
 def test_forced_family_that_does_not_fit():
     with pytest.raises(OpMatchError, match="does not fit this model"):
         find_ops(CASES["dinov2"].model(), ResTuningConfig(family="bert"))
-    with pytest.raises(OpMatchError, match="unknown 'gpt'"):
-        find_ops(CASES["vit"].model(), ResTuningConfig(family="gpt"))
+    with pytest.raises(ConfigError, match="family: unknown family 'gpt'"):  # refused with the config
+        ResTuningConfig(family="gpt")
 
 
 def test_tuners_attach_by_hooks_not_patching():

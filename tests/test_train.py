@@ -14,7 +14,9 @@ from conftest import CASES
 from safetensors.torch import load_file
 
 from restuning import ConfigError
+from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
+from restuning.methods import load_model, trainable_state
 from restuning.train.config import TrainConfig, from_dict, load_config
 from restuning.train.evaluate import evaluate_run
 from restuning.train.trainer import Trainer
@@ -35,21 +37,31 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("data: {name: image_folder}", "data.path: data.name 'image_folder' needs a path"),
     ("data: {name: text_table, path: /no/such/file.csv}", "data.path: '/no/such/file.csv' does not exist"),
     ("method: {name: houlsby}", "method.name: expected one of"),
-    ("data: {eval_sets: [cifar]}", r"data.eval_sets: \['cifar'\] are not shipped sets"),
+    ("data: {eval_sets: [cifar]}", r"data.eval_sets: expected one of \['mnist', 'digits', 'tweets'\], got 'cifar'"),
+    # the method's options are checked here too, before any backbone or data loads
+    ("method: {name: restuning, config: {mhaa: res_adapter}}", "method.config.mhaa: unknown key"),
+    ("method: {name: restuning, config: {dim: ten}}", "method.config.dim: expected int, got str 'ten'"),
+    ("method: {name: bypass, config: {pooling: max}}", r"method.config.pooling: expected one of \['auto'"),
+    ("method: {name: lst, config: {temperature: .nan}}", "method.config.temperature: expected a finite number"),
+    ("method: {name: bypass, config: {num_classes: 3}}", "method.config.num_classes: set from the data"),
+    ("method: {name: linear, config: {dim: 3}}", "linear takes no options"),
+    ("optim: {lr: .inf}", "optim.lr: expected a finite number"),
+    ("optim: {lr: 0}", "optim.lr: expected a number above 0"),
+    ("optim: {weight_decay: -0.1}", "optim.weight_decay: expected at least 0"),
+    ("optim: {mixed_precision: fp8}", r"optim.mixed_precision: expected one of \['no', 'bf16', 'fp16'\]"),
     ("seed: [1]", "seed: expected int, got list"),
     ("eval_every: 0", "eval_every: expected a positive integer"),
-    ("checkpoint_every: -1", "checkpoint_every: expected 0"),
+    ("checkpoint_every: -1", "checkpoint_every: expected at least 0"),
 ])
 def test_bad_configs_stop_before_any_work(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text))
 
 
-def test_a_tuner_that_does_not_fit_the_backbone_is_a_clear_error(tmp_path):
-    config = from_dict(TrainConfig, {"backbone": str(_tiny_vit(tmp_path)), "method": {"name": "restuning",
-                       "config": {"mha": "no_such_tuner"}}, "data": {"name": "mnist", "image_size": 16}})
-    with pytest.raises(ConfigError, match="unknown tuner 'no_such_tuner'"):
-        Trainer(config, progress=False)
+def test_an_unknown_tuner_is_a_clear_error_when_the_config_loads(tmp_path):
+    with pytest.raises(ConfigError, match="method.config.mha: unknown tuner 'no_such_tuner'"):
+        from_dict(TrainConfig, {"backbone": str(_tiny_vit(tmp_path)), "method": {"name": "restuning",
+                  "config": {"mha": "no_such_tuner"}}, "data": {"name": "mnist", "image_size": 16}})
 
 
 def test_overrides_and_examples_load():
@@ -121,12 +133,12 @@ def test_every_method_trains_and_writes_its_files(tmp_path, method):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and 0.0 <= result["test_accuracy"] <= 1.0
     assert records[1]["train_loss"] < records[0]["train_loss"]
-    assert (out / "final" / "trainable.safetensors").is_file() and (out / "checkpoint" / "state.pt").is_file()
+    assert sorted(p.name for p in (out / "final").iterdir()) == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME, "train_config.json", "classes.json"])  # one checkpoint format for all
+    assert (out / "checkpoint" / "state.pt").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
-    if method == "bypass":
-        assert (out / "final" / "task" / "restuning_model.safetensors").is_file()
-    if method in ("lst", "peft_lora", "bitfit"):  # the saved weights rebuild the same classifier
-        assert evaluate_run(out)["test_accuracy"] == result["test_accuracy"]
+    # final/ rebuilds the same classifier from a fresh backbone, without the training data
+    assert evaluate_run(out)["test_accuracy"] == result["test_accuracy"]
     if method == "linear":  # a finished run started again trains no more and reports its last record
         assert Trainer(config, progress=False).run() == result
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
@@ -145,8 +157,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_p
     result = Trainer(resumed, progress=False).run()
     assert result["test_accuracy"] == expected["test_accuracy"]
     assert result["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)
-    a = load_file(str(Path(whole.output_dir) / "final" / "trainable.safetensors"))
-    b = load_file(str(Path(resumed.output_dir) / "final" / "trainable.safetensors"))
+    a = load_file(str(Path(whole.output_dir) / "final" / WEIGHTS_NAME))
+    b = load_file(str(Path(resumed.output_dir) / "final" / WEIGHTS_NAME))
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6)
     epochs = [json.loads(x)["epoch"] for x in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -198,7 +210,7 @@ def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path, m
     out = Path(config.output_dir)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final", "metrics.jsonl"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # written by rank 0 only
-    saved = load_file(str(out / "final" / "trainable.safetensors"))
+    saved = trainable_state(load_model(CASES["vit"].model(), out / "final", trainable=True))
     assert all(torch.equal(saved[n], v) for n, v in ranks[0].items())
 
 
@@ -244,7 +256,7 @@ def test_predict_serves_several_runs_and_plot_draws_them(tmp_path):
     answers = predict(runs, images=images, image_size=16)
     for run in runs:
         backbone = load_backbone(str(_tiny_vit(tmp_path)))
-        alone = ResTuningBypassModel.from_pretrained(backbone.model, run / "final" / "task")
+        alone = ResTuningBypassModel.from_pretrained(backbone.model, run / "final")
         data = LabelledData(images, torch.zeros(6, dtype=torch.long), ["?"])
         expected = alone(**backbone.encode(data, 16, 32)).argmax(-1).tolist()
         assert answers[str(run)] == [str(i) for i in expected]

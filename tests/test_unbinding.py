@@ -7,7 +7,7 @@ import torch
 from conftest import CASES
 
 from restuning.attention import additive_mask, attend, mix_prefix
-from restuning.bound import compare_forms
+from restuning.testing.reference import compare_forms
 
 TOL = 1e-5
 

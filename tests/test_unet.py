@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 from restuning import OpMatchError, ResTuningConfig, ResTuningModel, TunerSpec, get_restuning_model  # noqa: E402
-from restuning.bound import BoundVPTDeep  # noqa: E402
+from restuning.testing.reference import BoundVPTDeep  # noqa: E402
 
 TUNERS = ["res_adapter", "res_prefix", "res_prompt", "lora", "bitfit", "ssf"]
 OPS = ["mha", "xattn", "ffn", "block"]

@@ -1,5 +1,6 @@
 """restuning: unbound, composable, memory-efficient tuners for frozen foundation models (Res-Tuning)."""
 
+from . import diffusion  # noqa: F401  (registers the UNet family; light)
 from .bypass import BypassConfig, FeatureCache, MultiTaskBypass, ResTuningBypassModel
 from .config import ResTuningConfig, TunerSpec
 from .errors import CheckpointError, ConfigError, DataError, OpMatchError, RestuningError, RunError, TrainingError

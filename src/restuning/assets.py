@@ -9,9 +9,10 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoint import atomic_write_dir
+from .errors import RestuningError
 
 
-class AssetError(RuntimeError):
+class AssetError(RestuningError, RuntimeError):
     """A shipped asset's package is not installed."""
 
 

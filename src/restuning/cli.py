@@ -198,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
                  "override, e.g. optim.epochs=2")
     ev = sub.add_parser("eval", help="top-1 accuracy of a finished run")
     ev.add_argument("--run", required=True, help="the run's output_dir")
-    ev.add_argument("--data", default=None, help="a shipped set to evaluate on instead of the run's test split")
+    ev.add_argument("--data", default=None, help="evaluate on this instead of the run's test split: a shipped set "
+                    "(mnist, digits, tweets), a CSV/JSONL table of texts or a folder of images per class")
     ev.set_defaults(func=_eval)
-    pr = sub.add_parser("predict", help="answer several bypass runs' tasks with one backbone forward")
-    pr.add_argument("--runs", nargs="+", required=True, help="output_dirs of bypass runs on one backbone")
+    pr = sub.add_parser("predict", help="class names from finished runs; bypass runs on one backbone share one "
+                        "backbone forward")
+    pr.add_argument("--runs", nargs="+", required=True, help="output_dirs of finished runs")
     pr.add_argument("--text", nargs="*", help="texts to classify")
     pr.add_argument("--images", nargs="*", help="image files to classify")
     pr.set_defaults(func=_predict)
@@ -244,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     fd.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     fd.set_defaults(func=_fd)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .errors import RestuningError
+
+    try:
+        return args.func(args)
+    except RestuningError as err:  # bad config, data, checkpoint or run folder: a message, not a traceback
+        print(f"{args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .bypass import BypassConfig, ResTuningBypassModel
-from .bypass.taps import is_unet
-from .config import ConfigError, ResTuningConfig
+from .config import ConfigBase, ResTuningConfig
+from .errors import CheckpointError, ConfigError
 from .hooks import Attachment
 from .ops import OpSite, find_ops, name_matches
 from .params import ParameterReport
@@ -91,6 +90,7 @@ class ResTuningModel(ParameterReport, nn.Module):
         self._attachments = [Attachment(model, self.sites[k], t) for k, t in self.tuners.items()]
         for attachment in self._attachments:
             attachment.attach()
+        model._restuning_attached = True  # from_pretrained refuses to attach a second set
         # Present the backbone's call signature (transformers.Trainer reads it to pick dataset columns).
         forward = functools.partial(type(self).forward, self)
         forward.__wrapped__ = model.forward
@@ -138,9 +138,17 @@ class ResTuningModel(ParameterReport, nn.Module):
         """
         meta, tensors = checkpoint.load(Path(directory))
         if meta.get("method") != "restuning":
-            raise checkpoint.CheckpointError(f"{directory}: holds a {meta.get('method')!r} checkpoint, not restuning")
+            raise CheckpointError(f"{directory}: holds a {meta.get('method')!r} checkpoint, not restuning")
+        if isinstance(model, ResTuningModel) or getattr(model, "_restuning_attached", False):
+            raise CheckpointError(f"{directory}: the model already carries Res-Tuning tuners; call unload() on it "
+                                  "first (attaching a second set would change its outputs)")
         checkpoint.check_backbone(meta, model, directory)
-        config = ResTuningConfig.from_dict(meta["config"])
+        try:
+            config = ResTuningConfig.from_dict(meta["config"])
+        except (ConfigError, KeyError) as err:
+            raise CheckpointError(f"{directory}: the saved config cannot be read ({err})") from err
+        # A run's classifier keeps its head beside the tuners (restuning.methods); it is not part of this model.
+        tensors = {k: v for k, v in tensors.items() if not (meta.get("num_classes") and k.startswith("head."))}
         plan = plan_tuning(model, config)
         expected = {f"tuners.{k}": v for k, v in nn.ModuleDict(plan.tuners).state_dict().items()}
         for name in plan.modules_to_save:
@@ -168,6 +176,7 @@ class ResTuningModel(ParameterReport, nn.Module):
             attachment.detach()
         self._attachments.clear()
         model = self.base_model
+        model._restuning_attached = False
         with torch.no_grad():
             for name, state in self._saved_originals.items():
                 model.get_submodule(name).load_state_dict(state)
@@ -176,17 +185,25 @@ class ResTuningModel(ParameterReport, nn.Module):
         return model
 
 
-def get_restuning_model(model: nn.Module, config: ResTuningConfig | BypassConfig | None = None):
+# Config type -> the model it builds on a backbone (PEFT's mapping). Res-Tuning is built in; the bypass
+# registers `BypassConfig` when `restuning.bypass` is imported.
+TUNED_MODELS: dict[type[ConfigBase], Any] = {}
+
+
+def register_tuned_model(config_type: type[ConfigBase], build) -> None:
+    """`get_restuning_model(model, config)` with a `config_type` config returns `build(model, config)`."""
+    TUNED_MODELS[config_type] = build
+
+
+register_tuned_model(ResTuningConfig, ResTuningModel)
+
+
+def get_restuning_model(model: nn.Module, config: ConfigBase | None = None):
     """Freeze `model` and attach what `config` describes: Res-Tuners in parallel to its ops
     (`ResTuningConfig`, default: Dual Res-Adapters) -> `ResTuningModel`, or a detached bypass network
     (`BypassConfig`) -> `ResTuningBypassModel` (`UNetBypassModel` for a diffusers UNet)."""
     config = config if config is not None else ResTuningConfig()
-    if isinstance(config, BypassConfig):
-        if is_unet(model):
-            from .diffusion.bypass import UNetBypassModel  # on demand: the diffusion package is optional
-
-            return UNetBypassModel(model, config)
-        return ResTuningBypassModel(model, config)
-    if not isinstance(config, ResTuningConfig):
-        raise ConfigError(f"expected a ResTuningConfig or BypassConfig, got {type(config).__name__}")
-    return ResTuningModel(model, config)
+    build = TUNED_MODELS.get(type(config))
+    if build is None:
+        raise ConfigError(f"expected one of {[t.__name__ for t in TUNED_MODELS]}, got {type(config).__name__}")
+    return build(model, config)

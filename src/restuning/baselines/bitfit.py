@@ -6,9 +6,13 @@ that has a bias; this baseline trains the biases themselves, everywhere the back
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..methods.classifier import LastLayerClassifier
+from ..methods.registry import Method, register_method
 
 
 def bias_only(model: nn.Module) -> list[str]:
@@ -22,3 +26,11 @@ def bias_only(model: nn.Module) -> list[str]:
     if not names:
         raise ConfigError("bitfit: this backbone has no bias parameters to train")
     return names
+
+
+def build(backbone: nn.Module, options: Any, num_classes: int | None) -> nn.Module:
+    bias_only(backbone)
+    return LastLayerClassifier(backbone, backbone, num_classes, frozen=False)
+
+
+register_method(Method("bitfit", build, trains_backbone=True, summary="BitFit: the backbone's own biases"))

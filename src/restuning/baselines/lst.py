@@ -20,14 +20,15 @@ import torch
 from torch import nn
 
 from ..bypass.network import pool
-from ..config import ConfigError, DictConfig
-from .side_network import SideNetworkModel, check_config, padding_mask, side_block
+from ..config import ConfigBase, check_family, option
+from ..methods.registry import Method, register_method
+from .side_network import SIDE_POOLINGS, SideNetworkModel, padding_mask, side_block
 
 METHOD = "lst"
 
 
 @dataclass
-class LSTConfig(DictConfig):
+class LSTConfig(ConfigBase):
     """Args:
     num_classes: size of the linear head.
     reduction: side width = backbone width / reduction (LST: 8).
@@ -35,17 +36,15 @@ class LSTConfig(DictConfig):
     pooling: as in `BypassConfig` (auto | cls | mean); family: force an op map.
     """
 
-    num_classes: int = 2
-    reduction: int = 8
-    heads: int = 4
-    temperature: float = 0.1
-    pooling: str = "auto"
+    num_classes: int = option(2, ge=1)
+    reduction: int = option(8, ge=1)
+    heads: int = option(4, ge=1)
+    temperature: float = option(0.1, gt=0)
+    pooling: str = option("auto", choices=SIDE_POOLINGS)
     family: str | None = None
 
-    def __post_init__(self) -> None:
-        check_config(self, ("num_classes", "reduction", "heads"), METHOD)
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise ConfigError(f"lst temperature: expected a positive number, got {self.temperature!r}")
+    def validate(self) -> None:
+        check_family(self.family)
 
 
 class LadderSideTuning(SideNetworkModel):
@@ -72,3 +71,8 @@ class LadderSideTuning(SideNetworkModel):
             h = mu[layer - 1] * self.downs[layer](features[layer]) + (1 - mu[layer - 1]) * h
             h = self.blocks[layer - 1](h, src_key_padding_mask=padding)
         return self.head(pool(self.norm(h), self.plan.pooling, attention_mask))
+
+
+register_method(Method(METHOD, lambda backbone, options, num_classes: LadderSideTuning(backbone, options),
+                       options=LSTConfig, reads_frozen_backbone=True,
+                       summary="LST: ladder side-tuning, a narrow side transformer fed by gated ladders (LSTConfig)"))

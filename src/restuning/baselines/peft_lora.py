@@ -6,10 +6,26 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..methods.classifier import LastLayerClassifier
+from ..methods.registry import Method, register_method
 from .presets import attention_projections
 
 DEFAULTS = {"r": 8, "lora_dropout": 0.0}
+# In a diffusion UNet: rank 4 on every attention's projections, as diffusers' LoRA training scripts.
+UNET_DEFAULTS = {"r": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def check_options(options: dict[str, Any], num_classes: int | None = None) -> dict[str, Any]:
+    """`options` are `peft.LoraConfig` field names (PEFT checks their values when the model is built)."""
+    try:
+        from peft import LoraConfig
+    except ImportError as error:
+        raise ConfigError("method peft_lora needs the `peft` package: pip install 'restuning[peft]'") from error
+    unknown = set(options) - set(LoraConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"method.config: unknown peft LoraConfig field(s) {sorted(unknown)}")
+    return options
 
 
 def peft_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
@@ -21,11 +37,18 @@ def peft_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
         raise ConfigError("method peft_lora needs the `peft` package: pip install 'restuning[peft]'") from error
-    known = set(LoraConfig.__dataclass_fields__)
-    unknown = set(options) - known
-    if unknown:
-        raise ConfigError(f"peft_lora: unknown LoraConfig field(s) {sorted(unknown)}")
+    check_options(options)
     config = {**DEFAULTS, **options}
     config.setdefault("lora_alpha", config["r"])  # PEFT's own default (8) would scale a rank-r update by 8/r
     config.setdefault("target_modules", attention_projections(model))
     return get_peft_model(model, LoraConfig(**config))
+
+
+def build(backbone: nn.Module, options: dict[str, Any], num_classes: int | None) -> nn.Module:
+    backbone.requires_grad_(False)
+    tuned = peft_lora(backbone, options)
+    return tuned if num_classes is None else LastLayerClassifier(tuned, backbone, num_classes, frozen=False)
+
+
+register_method(Method("peft_lora", build, tasks=("classification", "diffusion"), parse=check_options,
+                       defaults={"diffusion": UNET_DEFAULTS}, summary="PEFT's LoRA (peft.LoraConfig fields)"))

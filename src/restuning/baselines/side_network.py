@@ -8,7 +8,9 @@ from torch import nn
 
 from ..bypass import BypassConfig, plan_taps
 from ..bypass.model import FrozenBackbone
-from ..config import ConfigError
+from ..errors import ConfigError
+
+SIDE_POOLINGS = ("auto", "cls", "mean")  # a side network reads tokens
 
 
 def side_block(width: int, heads: int) -> nn.TransformerEncoderLayer:
@@ -17,16 +19,6 @@ def side_block(width: int, heads: int) -> nn.TransformerEncoderLayer:
         raise ConfigError(f"side network: width {width} is not divisible by heads {heads}")
     return nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
                                       norm_first=True)
-
-
-def check_config(config: object, positive: tuple[str, ...], what: str) -> None:
-    """Each field in `positive` is a positive integer, and the pooling is one a side network can read."""
-    for key in positive:
-        value = getattr(config, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{what} {key}: expected a positive integer, got {value!r}")
-    if config.pooling not in ("auto", "cls", "mean"):
-        raise ConfigError(f"{what} pooling: expected auto, cls or mean, got {config.pooling!r}")
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from ..bypass.network import read_out
-from ..config import DictConfig
-from .side_network import SideNetworkModel, check_config, padding_mask, side_block
+from ..config import ConfigBase, check_family, option
+from ..methods.registry import Method, register_method
+from .side_network import SIDE_POOLINGS, SideNetworkModel, padding_mask, side_block
 
 METHOD = "side_tuning"
 
 
 @dataclass
-class SideTuningConfig(DictConfig):
+class SideTuningConfig(ConfigBase):
     """Args:
     num_classes: size of the linear head.
     width: side transformer width (`None`: a quarter of the backbone's).
@@ -32,16 +33,16 @@ class SideTuningConfig(DictConfig):
     pooling: as in `BypassConfig` (auto | cls | mean); family: force an op map.
     """
 
-    num_classes: int = 2
-    width: int | None = None
-    depth: int = 2
-    heads: int = 4
+    num_classes: int = option(2, ge=1)
+    width: int | None = option(None, ge=1)
+    depth: int = option(2, ge=1)
+    heads: int = option(4, ge=1)
     blend_init: float = 0.0
-    pooling: str = "auto"
+    pooling: str = option("auto", choices=SIDE_POOLINGS)
     family: str | None = None
 
-    def __post_init__(self) -> None:
-        check_config(self, ("num_classes", "depth", "heads") + (("width",) if self.width is not None else ()), METHOD)
+    def validate(self) -> None:
+        check_family(self.family)
 
 
 class SideTuning(SideNetworkModel):
@@ -70,3 +71,8 @@ class SideTuning(SideNetworkModel):
         a = torch.sigmoid(self.blend)
         mixed = a * features[-1] + (1 - a) * self.up(h)
         return self.head(read_out(mixed, self.plan, attention_mask, self.final_norm))
+
+
+register_method(Method(METHOD, lambda backbone, options, num_classes: SideTuning(backbone, options),
+                       options=SideTuningConfig, reads_frozen_backbone=True,
+                       summary="Side-Tuning: a side transformer on x_0 blended with x_L (SideTuningConfig)"))

@@ -9,16 +9,34 @@ query sees, never the padding (their outputs are carried to the next block, so t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigBase, check_family, option
+from ..errors import ConfigError
 from ..hooks import first_input, output_tensor, with_input
+from ..methods.classifier import LastLayerClassifier
+from ..methods.registry import Method, register_method
 from ..ops import block_stacks, widths
 from ..params import ParameterReport
+
+
+@dataclass
+class VPTShallowConfig(ConfigBase):
+    """Args:
+    tokens: prompt tokens joined at block 0 (VPT: 10 to 200).
+    family: force an op map.
+    """
+
+    tokens: int = option(10, ge=1)
+    family: str | None = None
+
+    def validate(self) -> None:
+        check_family(self.family)
 
 
 class VPTShallow(ParameterReport, nn.Module):
@@ -81,3 +99,13 @@ def _prompt_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
         seen = mask.any(dim=-2, keepdim=True) if keep else mask.amax(dim=-2, keepdim=True)
         mask = torch.cat([mask, seen.expand(*mask.shape[:-2], n, mask.shape[-1])], dim=-2)
     return mask
+
+
+def build(backbone: nn.Module, options: VPTShallowConfig, num_classes: int | None) -> nn.Module:
+    backbone.requires_grad_(False)
+    return LastLayerClassifier(VPTShallow(backbone, options.tokens, options.family), backbone, num_classes,
+                               frozen=False)
+
+
+register_method(Method("vpt_shallow", build, options=VPTShallowConfig,
+                       summary="VPT-shallow: prompts joined at block 0 only (VPTShallowConfig)"))

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, DictConfig, TunerSpec, _check_layers
+from ..config import ConfigBase, TunerSpec, check_family, option
+from ..errors import ConfigError
 
 POOLINGS = ("auto", "cls", "mean", "avg")
 VARIANTS = ("none", "horizontal", "vertical", "both")
 
 
 @dataclass
-class BypassConfig(DictConfig):
+class BypassConfig(ConfigBase):
     """Res-Tuning-Bypass: `b_l = lam_l * H_l(x_l) + (1 - lam_l) * V_l(b_{l-1})`, `lam_l = sigmoid(theta_l)`.
 
     The backbone runs once without autograd; `x_l` are its tapped layer outputs and `b_0` is the input
@@ -39,34 +40,20 @@ class BypassConfig(DictConfig):
 
     horizontal: TunerSpec | str | None = "res_adapter"
     vertical: TunerSpec | str | None = "res_adapter"
-    dim: int = 10
-    layers: list[int] | None = None
-    num_classes: int | None = None
-    pooling: str = "auto"
+    dim: int = option(10, ge=1)
+    layers: list[int] | None = option(None, ge=0)
+    num_classes: int | None = option(None, ge=1)
+    pooling: str = option("auto", choices=POOLINGS)
     final_norm: bool = True
     gate_init: float = 0.0
     recompute: bool = True
     taps: str | list[str] | None = None
     family: str | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self.horizontal = TunerSpec.coerce(self.horizontal, "horizontal")
         self.vertical = TunerSpec.coerce(self.vertical, "vertical")
-        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
-            raise ConfigError(f"dim: expected a positive integer, got {self.dim!r}")
-        _check_layers(self.layers, "layers")
-        if self.num_classes is not None and (
-            not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1
-        ):
-            raise ConfigError(f"num_classes: expected a positive integer or null, got {self.num_classes!r}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling: expected one of {POOLINGS}, got {self.pooling!r}")
-        if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool):
-            raise ConfigError(f"gate_init: expected a number, got {self.gate_init!r}")
-        if not isinstance(self.recompute, bool):
-            raise ConfigError(f"recompute: expected true or false, got {self.recompute!r}")
-        if self.taps is not None and not isinstance(self.taps, (str, list)):
-            raise ConfigError(f"taps: expected a regex string or a list of module names, got {self.taps!r}")
+        check_family(self.family)
 
     @classmethod
     def variant(cls, name: str, tuner: str = "res_adapter", **kwargs: Any) -> BypassConfig:

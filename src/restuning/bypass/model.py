@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from .. import checkpoint
+from ..errors import ConfigError
+from ..ops import family_for_model
 from ..params import ParameterReport
 from .config import BypassConfig
 from .network import BypassTask
@@ -103,9 +105,10 @@ class ResTuningBypassModel(FrozenBackbone):
         return self.task(features, attention_mask, self.final_norm)
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write the task's weights (safetensors) and config (JSON), each atomically."""
-        save_task(self.task, self.base_model, Path(save_directory))
+    def save_pretrained(self, save_directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the task's weights (safetensors) and config (JSON), each atomically; `extra` joins the
+        JSON (a run's record of itself)."""
+        save_task(self.task, self.base_model, Path(save_directory), extra)
 
     @classmethod
     def from_pretrained(
@@ -127,8 +130,8 @@ def _build_task(model: nn.Module, plan: TapPlan, config: BypassConfig,
     return task_class(plan, config).to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
 
 
-def save_task(task: BypassTask, backbone: nn.Module, directory: Path) -> None:
-    meta = {"method": task.checkpoint_method, "config": task.config.to_dict(),
+def save_task(task: BypassTask, backbone: nn.Module, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    meta = {**(extra or {}), "method": task.checkpoint_method, "config": task.config.to_dict(),
             "backbone": checkpoint.backbone_signature(backbone),
             "taps": {"points": list(task.plan.points), "widths": list(task.plan.widths)}}
     checkpoint.save(directory, task.state_dict(), meta)
@@ -141,7 +144,10 @@ def load_task(model: nn.Module, directory: Path, task_class: type[BypassTask] = 
     if meta.get("method") != method:
         raise checkpoint.CheckpointError(f"{directory}: holds a {meta.get('method')!r} checkpoint, not {method}")
     checkpoint.check_backbone(meta, model, directory)
-    config = BypassConfig.from_dict(meta["config"])
+    try:
+        config = BypassConfig.from_dict(meta["config"])
+    except (ConfigError, KeyError) as err:
+        raise checkpoint.CheckpointError(f"{directory}: the saved config cannot be read ({err})") from err
     plan = task_class.plan_for(model, config)
     saved = meta.get("taps", {})
     if saved.get("points") != list(plan.points) or saved.get("widths") != list(plan.widths):
@@ -154,3 +160,18 @@ def load_task(model: nn.Module, directory: Path, task_class: type[BypassTask] = 
     task.load_state_dict({k: v.to(task.state_dict()[k].dtype) for k, v in tensors.items()})
     return task
 
+
+
+# Backbone family name -> its single-task bypass model, where it is not `ResTuningBypassModel` (the UNet's
+# family registers `UNetBypassModel`).
+BYPASS_MODELS: dict[str, type[ResTuningBypassModel]] = {}
+
+
+def register_bypass_model(family: str, model_class: type[ResTuningBypassModel]) -> None:
+    BYPASS_MODELS[family] = model_class
+
+
+def bypass_model_class(model: nn.Module) -> type[ResTuningBypassModel]:
+    """The bypass model for `model`'s family."""
+    family = family_for_model(model)
+    return BYPASS_MODELS.get(family.name if family else "", ResTuningBypassModel)

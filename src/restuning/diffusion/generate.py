@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from .pipeline import SDComponents, load_components, pndm_scheduler
-from .train import FINAL, WEIGHTS, load_run, predicted_noise
+from .train import FINAL, RUN_CONFIG, load_run, predicted_noise
 
 
 @torch.no_grad()
@@ -123,15 +123,15 @@ def save_images(images: torch.Tensor, out_dir: str | Path, records: list[dict[st
 def load_multitask(run_dirs: Sequence[str | Path]) -> tuple[SDComponents, nn.Module, list[str]]:
     """Bypass runs trained on one base model -> (components, a UNet multi-task bypass, task names): one UNet
     forward serves all of them. Tasks are named `task0, task1, ...` in the order given."""
-    from ..train.config import from_dict
+    from ..config import from_dict
     from .bypass import UNetMultiTaskBypass
     from .train_config import DiffusionTrainConfig
 
     configs = []
     for run in run_dirs:
-        path = Path(run) / FINAL / "train_config.json"
+        path = Path(run) / FINAL / RUN_CONFIG
         if not path.is_file():
-            raise ConfigError(f"{run}: not a finished diffusion run (no {FINAL}/train_config.json)")
+            raise ConfigError(f"{run}: not a finished diffusion run (no {FINAL}/{RUN_CONFIG})")
         configs.append(from_dict(DiffusionTrainConfig, json.loads(path.read_text())))
     not_bypass = [str(r) for r, c in zip(run_dirs, configs) if c.method.name != "bypass"]
     if not_bypass:
@@ -141,7 +141,7 @@ def load_multitask(run_dirs: Sequence[str | Path]) -> tuple[SDComponents, nn.Mod
         raise ConfigError(f"multi-task generation needs runs on one base model, got {sorted(models)}")
     components = load_components(models.pop())
     names = [f"task{i}" for i in range(len(run_dirs))]
-    tasks = {name: Path(run) / FINAL / WEIGHTS for name, run in zip(names, run_dirs)}
+    tasks = {name: Path(run) / FINAL for name, run in zip(names, run_dirs)}
     return components, UNetMultiTaskBypass(components.unet, tasks).eval(), names
 
 

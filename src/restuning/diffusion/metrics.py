@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data.transforms import normalise
+from ..errors import RestuningError
 
 INCEPTION_ENV = "RESTUNING_INCEPTION"
 
 
-class FIDUnavailable(RuntimeError):
+class FIDUnavailable(RestuningError, RuntimeError):
     """FID was asked for without local Inception weights."""
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bypass.config import BypassConfig
-from ..config import ConfigError, ResTuningConfig
-from ..model import ResTuningModel, get_restuning_model
+from ..config import from_dict
+from ..errors import ConfigError
+from ..methods import get_method, load_model, save_model
 from ..train.loop import FINAL, LoopSettings, TrainingLoop
 from .data import (
     CaptionedImages,
@@ -35,9 +35,7 @@ from .data import (
 from .pipeline import SDComponents, load_components
 from .train_config import DiffusionTrainConfig
 
-WEIGHTS = "weights"  # final/weights: the method's own format (see `save_weights`)
-# lora_alpha follows r unless given (`peft_lora`), as in diffusers' LoRA training scripts
-LORA_DEFAULTS = {"r": 4, "lora_dropout": 0.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+RUN_CONFIG = "train_config.json"  # in final/, beside the method's checkpoint
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -68,22 +66,12 @@ def load_class_images(config: DiffusionTrainConfig) -> CaptionedImages | None:
     return images.with_captions(d.class_prompt or class_prompt(d.class_name or "digit", d.template))
 
 
-# --- methods -------------------------------------------------------------------------------------
+# --- methods ---------------------------------------------------------------------------------------
 def build_denoiser(method: str, unet: nn.Module, options: dict[str, Any]) -> nn.Module:
-    """The trainable model around `unet` for `method`; called as `model(sample, timestep, text_states)`."""
-    if method == "full":
-        if options:
-            raise ConfigError(f"method full takes no options, got {sorted(options)}")
-        return unet.requires_grad_(True)
-    if method == "restuning":
-        return get_restuning_model(unet, ResTuningConfig.from_dict(options))
-    if method == "bypass":
-        return get_restuning_model(unet, BypassConfig.from_dict(options))
-    if method == "peft_lora":
-        from ..baselines.peft_lora import peft_lora
-
-        return peft_lora(unet, {**LORA_DEFAULTS, **options})
-    raise ConfigError(f"method.name: expected full, restuning, bypass or peft_lora, got {method!r}")
+    """The trainable model around `unet` for registered `method`; called as `model(sample, timestep,
+    text_states)`."""
+    entry = get_method(method, "diffusion")
+    return entry.build(unet, entry.read_options(options, None, "diffusion"), None)
 
 
 def upcast_trainable(model: nn.Module) -> nn.Module:
@@ -108,44 +96,15 @@ def predicted_noise(output: Any) -> torch.Tensor:
     raise TypeError(f"denoiser returned {type(output).__name__}; expected a tensor or an object with .sample")
 
 
-def save_weights(model: nn.Module, method: str, directory: Path) -> None:
-    """Trainable weights in the method's own loadable format: a diffusers UNet folder (`full`), a restuning
-    checkpoint (`restuning`, `bypass`), or a PEFT adapter folder (`peft_lora`)."""
-    model.save_pretrained(str(directory) if method in ("full", "peft_lora") else directory)
-
-
-def load_weights(unet: nn.Module, method: str, directory: Path) -> nn.Module:
-    """The inverse of `save_weights`, onto a fresh `unet` of the same configuration; frozen, eval mode."""
-    if method == "full":
-        from diffusers import UNet2DConditionModel
-
-        model = UNet2DConditionModel.from_pretrained(str(directory))
-    elif method == "restuning":
-        model = ResTuningModel.from_pretrained(unet, directory)
-    elif method == "bypass":
-        from .bypass import UNetBypassModel
-
-        model = UNetBypassModel.from_pretrained(unet, directory)
-    elif method == "peft_lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(unet, str(directory))
-    else:
-        raise ConfigError(f"method {method!r}: no saved weights to load")
-    return model.requires_grad_(False).eval()
-
-
 def load_run(run_dir: str | Path) -> tuple[SDComponents, nn.Module, DiffusionTrainConfig]:
     """A finished run: its base components (rebuilt from the config), the tuned denoiser and the config."""
-    from ..train.config import from_dict
-
     final = Path(run_dir) / FINAL
-    config_path = final / "train_config.json"
+    config_path = final / RUN_CONFIG
     if not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not a finished diffusion run (no {FINAL}/train_config.json)")
+        raise ConfigError(f"{run_dir}: not a finished diffusion run (no {FINAL}/{RUN_CONFIG})")
     config = from_dict(DiffusionTrainConfig, json.loads(config_path.read_text()))
     components = load_components(config.model)
-    return components, load_weights(components.unet, config.method.name, final / WEIGHTS), config
+    return components, load_model(components.unet, final), config
 
 
 # --- the loss --------------------------------------------------------------------------------------
@@ -192,23 +151,25 @@ class DiffusionTrainer(TrainingLoop):
     def __init__(self, config: DiffusionTrainConfig, progress: bool = True,
                  components: SDComponents | None = None):
         o = config.optim
+        method = get_method(config.method.name, "diffusion")
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
             schedule="constant", max_steps=o.max_steps, max_grad_norm=o.max_grad_norm, unit="step",
             log_every=config.log_every, eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-            find_unused_parameters=config.method.name == "full"), progress)
-        self.config = config
+            find_unused_parameters=method.trains_backbone), progress)
+        self.config, self.method = config, method
         self.components = components or load_components(config.model)
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(o.mixed_precision)
-        if half is not None and config.method.name != "full":
+        if half is not None and not method.trains_backbone:
             self.components.unet.to(dtype=half)  # frozen: stored in half precision, as the VAE and text encoder
         self.components.to(self.accelerator.device, half)  # cast before the move: no float32 copy on the device
         self.data = load_captioned(config)
         self.class_images = load_class_images(config)
         self.num_examples = len(self.data)
         torch.manual_seed(config.seed)
-        self.model = upcast_trainable(build_denoiser(config.method.name, self.components.unet, config.method.config))
+        self.model = upcast_trainable(method.build(self.components.unet, method.read_options(
+            config.method.config, None, "diffusion"), None))
         self.evaluation = fixed_batch(self.components, self.data, config.eval_size, config.seed,
                                       self.accelerator.device)
         self.start_loss: float | None = None
@@ -255,8 +216,10 @@ class DiffusionTrainer(TrainingLoop):
                 **super().summary(), "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def write_final(self, directory: Path) -> None:
-        save_weights(self.unwrapped, self.config.method.name, directory / WEIGHTS)
-        (directory / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        """The method's checkpoint (`restuning.methods.load_model` opens it on the base UNet) and the run config."""
+        save_model(self.unwrapped, self.config.method.name, self.config.method.config, None, self.components.unet,
+                   directory, task="diffusion")
+        (directory / RUN_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
 
 
 def train_diffusion(config: DiffusionTrainConfig, progress: bool = True,

@@ -4,22 +4,21 @@ type checked before any work starts. Defaults follow paper Table 11 (AdamW, lr 1
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from ..train.config import MethodConfig, from_dict, read_yaml, require_positive
+from ..config import ConfigBase, from_dict, option, read_yaml
+from ..errors import ConfigError
+from ..train.config import PRECISIONS, MethodConfig
 from .data import SUBJECT_TEMPLATE
 
-METHODS = ("full", "restuning", "bypass", "peft_lora")
 SOURCES = ("mnist", "folder", "jsonl")
 MODES = ("caption", "subject")
 
 
 @dataclass
-class DiffusionDataConfig:
+class DiffusionDataConfig(ConfigBase):
     """Args:
         source: `mnist` (the shipped MNIST-5k, captioned "a photo of the digit 3"), `folder` (images with
             same-named .txt captions) or `jsonl` (`{"image": path, "text": caption}` lines); the last two
@@ -40,41 +39,41 @@ class DiffusionDataConfig:
         class_prompt: the class images' prompt; default: `template` without its token.
     """
 
-    source: str = "mnist"
+    source: str = option("mnist", choices=SOURCES)
     path: str | None = None
-    resolution: int = 512
+    resolution: int = option(512, ge=1)
     center_crop: bool = True
     random_flip: bool = True
-    mode: str = "caption"
-    digits: list[int] | None = None
-    per_digit: int | None = None
-    max_items: int | None = None
+    mode: str = option("caption", choices=MODES)
+    digits: list[int] | None = option(None, choices=tuple(range(10)))
+    per_digit: int | None = option(None, ge=1)
+    max_items: int | None = option(None, ge=1)
     token: str = "sks"
     class_name: str | None = None
     template: str = SUBJECT_TEMPLATE
     class_path: str | None = None
     class_prompt: str | None = None
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: float = option(1.0, gt=0)
 
 
 @dataclass
-class DiffusionOptimConfig:
+class DiffusionOptimConfig(ConfigBase):
     """AdamW at a constant `lr`; `max_steps` (optimizer steps) ends the run before `epochs` do."""
 
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
+    lr: float = option(1e-4, gt=0)
+    weight_decay: float = option(1e-2, ge=0)
+    epochs: int = option(10, ge=1)
+    max_steps: int | None = option(None, ge=1)
+    batch_size: int = option(8, ge=1)
+    grad_accum: int = option(1, ge=1)
+    max_grad_norm: float | None = option(1.0, gt=0)
     # no | bf16 | fp16: autocast, and the frozen VAE, text encoder and (all methods but `full`) UNet stored in
     # that dtype, as diffusers' training scripts do; trainable weights and the optimizer stay float32.
-    mixed_precision: str = "no"
+    mixed_precision: str = option("no", choices=PRECISIONS)
 
 
 @dataclass
-class DiffusionTrainConfig:
+class DiffusionTrainConfig(ConfigBase):
     """Args:
         model: `tiny` (a small UNet and VAE built in code with the shipped MiniLM text encoder, offline) or
             a Stable Diffusion v1.x folder in the diffusers layout (or its hub id, online).
@@ -96,19 +95,16 @@ class DiffusionTrainConfig:
     optim: DiffusionOptimConfig = field(default_factory=DiffusionOptimConfig)
     seed: int = 0
     output_dir: str = "runs/diffusion"
-    log_every: int = 10
-    eval_every: int = 0
-    eval_size: int = 8
-    checkpoint_every: int = 0
+    log_every: int = option(10, ge=1)
+    eval_every: int = option(0, ge=0)
+    eval_size: int = option(8, ge=1)
+    checkpoint_every: int = option(0, ge=0)
 
-    def __post_init__(self) -> None:
-        d, o = self.data, self.optim
-        if self.method.name not in METHODS:
-            raise ConfigError(f"method.name: expected one of {METHODS}, got {self.method.name!r}")
-        if d.source not in SOURCES:
-            raise ConfigError(f"data.source: expected one of {SOURCES}, got {d.source!r}")
-        if d.mode not in MODES:
-            raise ConfigError(f"data.mode: expected one of {MODES}, got {d.mode!r}")
+    def validate(self) -> None:
+        from ..methods import get_method  # the registry sits above the run config's module
+
+        d = self.data
+        get_method(self.method.name, "diffusion").read_options(self.method.config, None, "diffusion")
         # Paths are read (and missing ones reported) when a run loads its data, not here: a finished run's
         # config must still load (`generate`, `load_run`) after its training images are gone.
         if d.source != "mnist":
@@ -122,30 +118,8 @@ class DiffusionTrainConfig:
                                   f"task), got {d.digits!r}")
             if d.source != "mnist" and not d.class_name:
                 raise ConfigError("data.class_name: subject mode needs the subject's class, e.g. dog")
-        if d.class_path is not None:
-            if d.mode != "subject":
-                raise ConfigError("data.class_path: class images (prior preservation) are for data.mode subject")
-            if d.prior_loss_weight <= 0:
-                raise ConfigError(f"data.prior_loss_weight: expected a positive number, got {d.prior_loss_weight!r}")
-        require_positive({"data.resolution": d.resolution, "optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
-                          "optim.grad_accum": o.grad_accum, "log_every": self.log_every, "eval_size": self.eval_size})
-        require_positive({"optim.max_steps": o.max_steps, "data.per_digit": d.per_digit,
-                          "data.max_items": d.max_items}, optional=True)
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every: expected 0 (none) or more, got {self.checkpoint_every!r}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every: expected 0 (start and end only) or more, got {self.eval_every!r}")
-        if o.lr <= 0 or o.weight_decay < 0:
-            raise ConfigError(f"optim.lr must be positive and optim.weight_decay not negative, got {o.lr!r}, "
-                              f"{o.weight_decay!r}")
-        if o.max_grad_norm is not None and o.max_grad_norm <= 0:
-            raise ConfigError(f"optim.max_grad_norm: expected a positive number or null, got {o.max_grad_norm!r}")
-        if o.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"optim.mixed_precision: expected no, bf16 or fp16, got {o.mixed_precision!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+        if d.class_path is not None and d.mode != "subject":
+            raise ConfigError("data.class_path: class images (prior preservation) are for data.mode subject")
 
 def load_diffusion_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DiffusionTrainConfig:
     """Read a YAML run config; `overrides` (dotted keys, e.g. {"optim.max_steps": 10}) win."""

@@ -42,25 +42,8 @@ class FamilyMap:
 # Shared parts of the maps below.
 _VISION_ATTENTION = dict(mha=("attention", "attention"), ffn=("mlp", "mlp"), query="attention.q_proj",
                          key="attention.k_proj", value="attention.v_proj", out="attention.o_proj")
-_CNN = dict(mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None, layout="map", chained=True)
+CNN_OPS = dict(mha=None, ffn=None, query=None, key=None, value=None, out=None, norm=None, layout="map", chained=True)
 _HF_STAGES = dict(blocks=r"(.*\.)?encoder\.stages\.\d+\.layers", taps=r"(.*\.)?encoder\.stages")
-
-# diffusers UNet2DConditionModel (Stable Diffusion v1.x layout). Its transformer blocks hold the token ops
-# (B, H*W, C) mha, xattn and ffn; its ResNet blocks are the block ops, on (B, C, H, W) maps. `unet` tunes
-# the middle block and the decoder, as the paper does; `unet_full` (`family="unet_full"`) adds the encoder.
-# Blocks are numbered in module order, which diffusers registers as down, up, then mid.
-_UNET_ATTENTION = dict(mha=("attn1", "attn1"), xattn=("attn2", "attn2"), ffn=("ff", "ff"), query="attn1.to_q",
-                       key="attn1.to_k", value="attn1.to_v", out="attn1.to_out.0", norm="norm1", chained=True,
-                       block_op=False)
-
-
-def _unet(name: str, class_names: tuple[str, ...], stages: str) -> FamilyMap:
-    return FamilyMap(
-        name=name, model_types=(), class_names=class_names,
-        blocks=rf"{stages}\.attentions\.\d+\.transformer_blocks", **_UNET_ATTENTION,
-        parts=(FamilyMap(name=f"{name}_resnets", model_types=(), blocks=rf"{stages}\.resnets", **_CNN),),
-    )
-
 
 FAMILIES: dict[str, FamilyMap] = {
     m.name: m
@@ -109,7 +92,7 @@ FAMILIES: dict[str, FamilyMap] = {
         FamilyMap(
             name="convnext",
             model_types=("convnext", "convnextv2"),
-            **_CNN,
+            **CNN_OPS,
             **_HF_STAGES,
             final_norm=r"(.*\.)?layernorm",
             norm_after_pool=True,
@@ -117,7 +100,7 @@ FAMILIES: dict[str, FamilyMap] = {
         FamilyMap(
             name="resnet",
             model_types=("resnet",),
-            **_CNN,
+            **CNN_OPS,
             **_HF_STAGES,
         ),
         FamilyMap(
@@ -126,12 +109,19 @@ FAMILIES: dict[str, FamilyMap] = {
             model_types=(),
             class_names=("EfficientNet",),
             blocks=r"_blocks",
-            **_CNN,
+            **CNN_OPS,
         ),
-        _unet("unet", ("UNet2DConditionModel",), r"(.*\.)?(mid_block|up_blocks\.\d+)"),
-        _unet("unet_full", (), r"(.*\.)?(mid_block|(down|up)_blocks\.\d+)"),
     )
 }
+
+
+def register_family(family: FamilyMap) -> FamilyMap:
+    """Make an op map known by name (`family=`) and for detection; backbone families outside the core (the
+    diffusers UNet) register themselves."""
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
 
 
 def family_for_model(model) -> FamilyMap | None:

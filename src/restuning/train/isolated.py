@@ -22,8 +22,7 @@ def _run(config: TrainConfig, threads: int | None, queue) -> None:
         start = time.perf_counter()
         trainer = Trainer(config, progress=False)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        # Counted without the LoRA weights that PEFT injects into the backbone itself.
-        backbone = sum(p.numel() for n, p in trainer.backbone.model.named_parameters() if "lora_" not in n)
+        backbone = trainer.backbone_params
         result = trainer.run()
         queue.put({**result, "trainable_params": trainable, "backbone_params": backbone,
                    "train_examples": len(trainer.data.train),

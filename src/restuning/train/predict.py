@@ -1,8 +1,13 @@
-"""`restuning predict`: several bypass task checkpoints answered with one backbone forward."""
+"""`restuning predict`: class names from several finished runs for the same inputs, streamed in batches.
+
+Runs whose method reads a frozen backbone (the bypass, Side-Tuning, LST) on one backbone share a single
+backbone forward per batch (`MultiTaskBypass` for bypass runs); runs of other methods (Res-Tuning, LoRA,
+full fine-tuning, ...) each run their own tuned backbone.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -11,33 +16,68 @@ from ..bypass import MultiTaskBypass
 from ..data import LabelledData
 from ..data.sources import load_image
 from ..data.transforms import resize
-from .backbones import load_backbone
-from .config import TrainConfig, from_dict
-from .loop import FINAL
+from ..errors import ConfigError
+from .finished import FinishedRun, open_backbone, open_run
+from .trainer import FINAL
 
 
-def predict(runs: list[Path], texts: list[str] | None = None, images: list[Path] | torch.Tensor | None = None,
-            image_size: int | None = None, max_length: int | None = None) -> dict[str, list[str]]:
-    """Class names predicted by every run's task for every input (texts, image files, or a (B, C, H, W)
-    tensor in [0, 1]). The runs must be Res-Tuning-Bypass runs on one backbone, which runs once."""
-    configs = [from_dict(TrainConfig, json.loads((r / FINAL / "train_config.json").read_text())) for r in runs]
-    names = {c.backbone for c in configs}
-    if len(names) != 1 or any(c.method.name != "bypass" for c in configs):
-        raise ValueError(f"predict serves bypass runs of one backbone; got backbones {sorted(names)} and methods "
-                         f"{[c.method.name for c in configs]}")
-    settings = {(c.data.image_size, c.data.max_length) for c in configs}
-    if len(settings) != 1 and image_size is None and max_length is None:
-        raise ValueError(f"predict: the runs were trained on other input sizes {sorted(settings)} "
-                         "(image_size, max_length); pass image_size/max_length, or serve them apart")
-    backbone = load_backbone(configs[0].backbone)
-    multi = MultiTaskBypass(backbone.model, {f"task{i}": r / FINAL / "task" for i, r in enumerate(runs)}).eval()
-    classes = [json.loads((r / FINAL / "classes.json").read_text()) for r in runs]
-    size = image_size or configs[0].data.image_size
-    if isinstance(images, list):
-        images = torch.cat([resize(load_image(p)[None], size) for p in images])
+def predict(runs: Sequence[str | Path], texts: Sequence[str] | None = None,
+            images: Sequence[str | Path] | torch.Tensor | None = None, image_size: int | None = None,
+            max_length: int | None = None, batch_size: int = 32) -> dict[str, list[str]]:
+    """`{run: [class name per input]}` for texts, image files, or a (N, C, H, W) tensor in [0, 1]. Inputs are
+    read, encoded and answered `batch_size` at a time, so memory does not grow with their number."""
+    if (texts is None) == (images is None):
+        raise ConfigError("predict: give either texts or images")
     inputs = texts if texts is not None else images
-    data = LabelledData(inputs, torch.zeros(len(inputs), dtype=torch.long), ["?"])
-    encoded = backbone.encode(data, size, max_length or configs[0].data.max_length)
-    with torch.no_grad():
-        answers = multi(**encoded)
-    return {str(run): [classes[i][c] for c in answers[f"task{i}"].argmax(-1).tolist()] for i, run in enumerate(runs)}
+    if len(inputs) == 0:
+        raise ConfigError("predict: no inputs (give at least one text or image)")
+    if batch_size < 1:
+        raise ConfigError(f"predict: batch_size: expected a positive integer, got {batch_size}")
+    finished = [open_run(r) for r in runs]
+    if not finished:
+        raise ConfigError("predict: name at least one run")
+    answers: dict[str, list[str]] = {str(r.path): [] for r in finished}
+    for group in _by_backbone(finished):
+        for run, logits in _answer(group, inputs, texts is not None, image_size, max_length, batch_size):
+            answers[str(run.path)].extend(run.classes[c] for c in logits.argmax(-1).tolist())
+    return answers
+
+
+def _by_backbone(runs: list[FinishedRun]) -> list[list[FinishedRun]]:
+    groups: dict[str, list[FinishedRun]] = {}
+    for run in runs:
+        groups.setdefault(run.config.backbone, []).append(run)
+    return list(groups.values())
+
+
+def _answer(runs: list[FinishedRun], inputs, are_texts: bool, image_size: int | None, max_length: int | None,
+            batch_size: int) -> Iterator[tuple[FinishedRun, torch.Tensor]]:
+    """Each run's logits for each batch of `inputs`, the runs on one backbone loaded once."""
+    sizes = {(r.config.data.image_size, r.config.data.max_length) for r in runs}
+    if len(sizes) != 1 and image_size is None and max_length is None:
+        raise ConfigError(f"predict: the runs were trained on other input sizes {sorted(sizes)} "
+                          "(image_size, max_length); pass image_size/max_length, or predict with them apart")
+    size = image_size or runs[0].config.data.image_size
+    length = max_length or runs[0].config.data.max_length
+    backbone = open_backbone(runs[0])
+    shared = [r for r in runs if r.config.method.name == "bypass"]
+    own = [r for r in runs if r not in shared]
+    models = []
+    if shared:  # one backbone forward for all of them
+        multi = MultiTaskBypass(backbone.model, {f"task{i}": r.path / FINAL for i, r in enumerate(shared)}).eval()
+        models.append(("shared", multi))
+    for run in own:  # a tuned backbone of its own (a fresh copy: tuners attach to it)
+        models.append((run, run.model(open_backbone(run))))
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        if not are_texts and not isinstance(chunk, torch.Tensor):
+            chunk = torch.cat([resize(load_image(Path(p))[None], size) for p in chunk])
+        data = LabelledData(list(chunk) if are_texts else chunk, torch.zeros(len(chunk), dtype=torch.long), ["?"])
+        encoded = backbone.encode(data, size, length)
+        with torch.no_grad():
+            for key, model in models:
+                if key == "shared":
+                    out = model(**encoded)
+                    yield from ((r, out[f"task{i}"]) for i, r in enumerate(shared))
+                else:
+                    yield key, model(**encoded)

@@ -14,19 +14,23 @@ import torch
 from torch import nn
 
 from ..bypass import FeatureCache
-from ..bypass.model import FrozenBackbone, ResTuningBypassModel
-from ..config import ConfigError
 from ..data import LabelledData, few_shot, random_resized_crop
 from ..data.shipped import SHIPPED
 from ..data.sources import hf_dataset, image_folder, text_table
 from ..data.splits import split_indices, vtab_split
 from ..data.transforms import resize
+from ..errors import ConfigError
+from ..methods import get_method, save_model
 from .backbones import Backbone, load_backbone
-from .config import TrainConfig
+from .config import TrainConfig, check_data_files
 from .loop import CHECKPOINT, FINAL, METRICS, LoopSettings, TrainingLoop
-from .methods import build_classifier
 
-__all__ = ["CHECKPOINT", "FINAL", "METRICS", "RunData", "Trainer", "accuracy", "load_data", "train"]
+RUN_CONFIG = "train_config.json"  # in final/, beside the checkpoint
+CLASSES = "classes.json"
+
+__all__ = [
+    "accuracy", "CHECKPOINT", "CLASSES", "FINAL", "load_data", "METRICS", "RUN_CONFIG", "RunData", "train", "Trainer",
+]
 
 
 @dataclass
@@ -73,19 +77,24 @@ class Trainer(TrainingLoop):
 
     def __init__(self, config: TrainConfig, progress: bool = True):
         o = config.optim
+        method = get_method(config.method.name, "classification")
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
             schedule="cosine", warmup_epochs=o.warmup_epochs, unit="epoch", eval_every=config.eval_every,
             checkpoint_every=config.checkpoint_every,
-            # Full fine-tuning and BitFit train parameters the loss may not reach (DINOv2's mask token).
-            find_unused_parameters=config.method.name in ("full", "bitfit")), progress)
-        self.config = config
+            # Methods that train the backbone's own weights may not reach all of them (DINOv2's mask token).
+            find_unused_parameters=method.trains_backbone), progress)
+        self.config, self.method = config, method
+        check_data_files(config)
         self.backbone = load_backbone(config.backbone)
+        # Counted before the method attaches anything (PEFT injects its LoRA weights into the backbone itself).
+        self.backbone_params = sum(p.numel() for p in self.backbone.model.parameters())
         self.data = load_data(config, self.backbone)
         torch.manual_seed(config.seed)
-        self.model = build_classifier(config.method.name, self.backbone.model, len(self.data.train.classes),
-                                      config.method.config)
+        num_classes = len(self.data.train.classes)
+        self.model = method.build(self.backbone.model, method.read_options(config.method.config, num_classes),
+                                  num_classes)
         self.num_examples = len(self.data.train)
         self.inputs = self._encode(self.data.train, raw=config.data.augment)
         self._eval_inputs: dict[str, dict[str, torch.Tensor]] = {}
@@ -105,10 +114,9 @@ class Trainer(TrainingLoop):
         return {k: v[index] for k, v in self.inputs.items()}
 
     def _feature_cache(self):
-        unwrapped = self.unwrapped
-        if not isinstance(unwrapped, FrozenBackbone) or self.config.data.augment or not self.config.feature_cache:
+        if not self.method.reads_frozen_backbone or self.config.data.augment or not self.config.feature_cache:
             return None
-        return FeatureCache().get(unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
+        return FeatureCache().get(self.unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
     # --- the loop's hooks -------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -142,11 +150,13 @@ class Trainer(TrainingLoop):
                 for name, data in sets.items()}
 
     def write_final(self, directory: Path) -> None:
-        super().write_final(directory)
-        (directory / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        (directory / "classes.json").write_text(json.dumps(self.data.train.classes))
-        if isinstance(self.unwrapped, ResTuningBypassModel):
-            self.unwrapped.save_pretrained(directory / "task")  # loadable alone, or as one task of a MultiTaskBypass
+        """The method's checkpoint (`restuning.methods.load_model` opens it; so do `ResTuningModel` and the
+        bypass models' `from_pretrained` for their runs), the run config and the class names."""
+        classes = self.data.train.classes
+        save_model(self.unwrapped, self.config.method.name, self.config.method.config, len(classes),
+                   self.backbone.model, directory)
+        (directory / RUN_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
+        (directory / CLASSES).write_text(json.dumps(classes))
 
 
 def accuracy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int,

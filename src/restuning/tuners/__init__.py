@@ -2,7 +2,7 @@
 
 from . import adapter, bitfit, lora, prefix, prompt, ssf  # noqa: F401  (registration)
 from .adapter import ResAdapter
-from .base import TUNERS, AttentionTuner, FrozenAttention, OpContext, ResTuner, build_tuner, register_tuner
+from .base import TUNERS, AttentionTuner, FrozenAttention, OpContext, ResTuner, build_tuner, check_spec, register_tuner
 from .bitfit import BitFit
 from .lora import LoRA
 from .prefix import ResPrefix
@@ -10,6 +10,6 @@ from .prompt import ResPrompt
 from .ssf import SSF
 
 __all__ = [
-    "TUNERS", "AttentionTuner", "BitFit", "FrozenAttention", "LoRA", "OpContext", "ResAdapter", "ResPrefix",
-    "ResPrompt", "ResTuner", "SSF", "build_tuner", "register_tuner",
+    "AttentionTuner", "BitFit", "build_tuner", "check_spec", "FrozenAttention", "LoRA", "OpContext", "register_tuner",
+    "ResAdapter", "ResPrefix", "ResPrompt", "ResTuner", "SSF", "TUNERS",
 ]

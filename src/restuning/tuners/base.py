@@ -15,7 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import ConfigError, TunerSpec
+from ..config import TunerSpec
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,13 +94,19 @@ def register_tuner(name: str):
     return wrap
 
 
-def build_tuner(spec: TunerSpec, ctx: OpContext, default_dim: int, where: str = "") -> ResTuner:
-    """Instantiate `spec` for one op, with a clear error for an unknown name or option."""
+def check_spec(spec: TunerSpec, where: str = "") -> None:
+    """`spec` names a registered tuner and only options its constructor takes."""
+    where = f"{where}: " if where else ""
     cls = TUNERS.get(spec.name)
     if cls is None:
-        raise ConfigError(f"{where}: unknown tuner {spec.name!r}; registered tuners: {sorted(TUNERS)}")
+        raise ConfigError(f"{where}unknown tuner {spec.name!r}; registered tuners: {sorted(TUNERS)}")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx", "dim")]
     unknown = set(spec.options) - set(accepted)
     if unknown:
-        raise ConfigError(f"{where}: tuner {spec.name!r} has no option(s) {sorted(unknown)}; accepted: {accepted}")
-    return cls(ctx, spec.dim if spec.dim is not None else default_dim, **spec.options)
+        raise ConfigError(f"{where}tuner {spec.name!r} has no option(s) {sorted(unknown)}; accepted: {accepted}")
+
+
+def build_tuner(spec: TunerSpec, ctx: OpContext, default_dim: int, where: str = "") -> ResTuner:
+    """Instantiate `spec` for one op, with a clear error for an unknown name or option."""
+    check_spec(spec, where)
+    return TUNERS[spec.name](ctx, spec.dim if spec.dim is not None else default_dim, **spec.options)

@@ -23,9 +23,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .hooks import add_to_output, extend_mask, first_input, output_tensor, with_input
-from .ops import OpSite
-from .tuners import OpContext, ResAdapter
+from ..hooks import add_to_output, extend_mask, first_input, output_tensor, with_input
+from ..ops import OpSite
+from ..tuners import OpContext, ResAdapter
 
 _BOUND_NAME = "restuning_bound_prefix"
 _PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> (holder, key, impl)
@@ -185,8 +185,8 @@ def compare_forms(
 ) -> FormComparison:
     """Run `form` ("prefix", "prompt" or "adapter") bound and unbound on copies of `model` with the same
     weights; compare outputs and the gradients of every tuner parameter for one random linear loss."""
-    from .baselines.presets import preset_config
-    from .model import get_restuning_model
+    from ..baselines.presets import preset_config
+    from ..model import get_restuning_model
 
     presets = {"prefix": "prefix", "prompt": "vpt_deep", "adapter": "adapter"}  # the trainer's method names
     if form not in presets:
