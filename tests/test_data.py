@@ -1,4 +1,5 @@
-"""User data sources refuse bad files with a `DataError` naming the file (and the line or row)."""
+"""User data sources refuse bad files with a `DataError` naming the file (and the line or row), and a wrong
+column name is a `ConfigError` when the run config loads."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from restuning import DataError
+from restuning import ConfigError, DataError
 from restuning.data import hf_dataset, image_folder, text_table
 from restuning.data.sources import load_image, table_columns
+from restuning.train.config import TrainConfig, from_dict, load_config
 
 
 def _png(path: Path, seed: int = 0) -> Path:
@@ -179,6 +181,26 @@ def test_table_columns_reads_only_the_header(tmp_path):
     assert table_columns(tmp_path / "a.jsonl") == ["sentence", "y"]
     with pytest.raises(DataError, match=r"gone\.csv: no such file"):
         table_columns(tmp_path / "gone.csv")
+
+
+def test_a_wrong_column_is_reported_when_the_config_loads(tmp_path):
+    (tmp_path / "a.csv").write_text("sentence,y\ngood,1\nbad,0\n")
+    run = tmp_path / "run.yaml"
+    run.write_text(f"data: {{name: text_table, path: {tmp_path / 'a.csv'}, text_column: sentence}}\n")
+    with pytest.raises(ConfigError, match=r"data.label_column: .*a\.csv has no column 'label'; its columns are "
+                                          r"\['sentence', 'y'\]"):
+        load_config(run)
+    config = load_config(run, {"data.label_column": "y"})
+    assert config.data.label_column == "y"
+    with pytest.raises(ConfigError, match=r"data.text_column: .*no column 'text'"):
+        from_dict(TrainConfig, {"data": {"name": "hf", "path": str(tmp_path / "a.csv"), "label_column": "y"}})
+
+
+def test_the_hf_config_check_skips_saved_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"sentence": ["good", "bad"], "y": [1, 0]}).save_to_disk(str(tmp_path / "saved"))
+    config = from_dict(TrainConfig, {"data": {"name": "hf", "path": str(tmp_path / "saved")}})
+    assert config.data.path == str(tmp_path / "saved")  # columns are checked when the data loads
 
 
 # --- the hf source -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 
 from ..baselines.presets import PRESETS
 from ..config import ConfigError
+from ..data.sources import TABLE_SUFFIXES, table_columns
 
 METHODS = ("linear", "full", "restuning", "bypass", "bitfit", "vpt_shallow", "side_tuning", "lst", "peft_lora",
            *PRESETS)
@@ -120,6 +121,14 @@ class TrainConfig:
                 raise ConfigError(f"data.path: data.name {self.data.name!r} needs a path")
             if not Path(self.data.path).exists():
                 raise ConfigError(f"data.path: {self.data.path!r} does not exist")
+            path = Path(self.data.path)
+            if self.data.name == "text_table" or (self.data.name == "hf" and path.is_file()
+                                                  and path.suffix.lower() in TABLE_SUFFIXES):
+                columns = table_columns(self.data.path)  # the header only; a DataError if it cannot be read
+                for key in ("text_column", "label_column"):
+                    if getattr(self.data, key) not in columns:
+                        raise ConfigError(f"data.{key}: {self.data.path} has no column {getattr(self.data, key)!r}; "
+                                          f"its columns are {columns}")
         require_positive({"optim.epochs": self.optim.epochs, "optim.batch_size": self.optim.batch_size,
                           "optim.grad_accum": self.optim.grad_accum, "data.image_size": self.data.image_size,
                           "data.test_size": self.data.test_size, "data.max_length": self.data.max_length,
