@@ -13,7 +13,7 @@ import torch
 from conftest import CASES
 from safetensors.torch import load_file
 
-from restuning import ConfigError
+from restuning import ConfigError, DataError
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
 from restuning.methods import load_model, trainable_state
@@ -91,7 +91,7 @@ def test_text_tables_from_csv_and_jsonl(tmp_path):
     assert csv_data.classes == ["neg", "pos"] and csv_data.labels.tolist() == [1, 0, 1]
     jsonl = text_table(tmp_path / "a.jsonl", label_column="y")
     assert jsonl.inputs == ["good", "bad"] and jsonl.labels.tolist() == [1, 0]
-    with pytest.raises(KeyError, match="no column 'label'"):
+    with pytest.raises(DataError, match="no column 'label'"):
         text_table(tmp_path / "a.jsonl")
 
 

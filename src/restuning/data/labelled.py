@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DataError
+
 
 @dataclass
 class LabelledData:
@@ -18,7 +20,7 @@ class LabelledData:
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.labels):
-            raise ValueError(f"{len(self.inputs)} inputs but {len(self.labels)} labels")
+            raise DataError(f"{len(self.inputs)} inputs but {len(self.labels)} labels")
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)
 
     @property

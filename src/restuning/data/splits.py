@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DataError
+
 FEW_SHOTS = (1, 2, 4, 8, 16)
 
 
@@ -23,7 +25,7 @@ def split_indices(n: int, test: int | float, seed: int) -> tuple[torch.Tensor, t
 def vtab_split(n: int, seed: int, train: int = 800, val: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """VTAB-1k: `train` + `val` examples drawn once for a seed (800/200 to tune, then all 1000 to train)."""
     if train + val > n:
-        raise ValueError(f"VTAB-1k split needs {train + val} examples, the data has {n}")
+        raise DataError(f"VTAB-1k split needs {train + val} examples, the data has {n}")
     order = _permutation(n, seed)[: train + val]
     return order[:train].sort().values, order[train:].sort().values
 
@@ -37,6 +39,6 @@ def few_shot(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().flatten()
         if len(members) < shots:
-            raise ValueError(f"class {c} has {len(members)} examples, fewer than {shots} shots")
+            raise DataError(f"class {c} has {len(members)} examples, fewer than {shots} shots")
         picked.append(members[torch.randperm(len(members), generator=g)[:shots]])
     return torch.cat(picked).sort().values

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigBase, from_dict, option, read_yaml
+from ..data.sources import TABLE_SUFFIXES, table_columns
 from ..errors import ConfigError
 
 DATA_NAMES = ("mnist", "digits", "tweets", "image_folder", "text_table", "hf")
@@ -112,8 +113,16 @@ def check_data_files(config: TrainConfig) -> None:
     """What a new run reads exists (checked when a config file loads and when a run starts, before the
     backbone loads; not when a finished run's saved config is read, whose data may since have moved)."""
     d = config.data
-    if d.path is not None and not Path(d.path).exists():
+    if d.path is None:
+        return
+    path = Path(d.path)
+    if not path.exists():
         raise ConfigError(f"data.path: {d.path!r} does not exist")
+    if d.name == "text_table" or (d.name == "hf" and path.is_file() and path.suffix.lower() in TABLE_SUFFIXES):
+        columns = table_columns(path)  # the header only; a DataError if it cannot be read
+        for key in ("text_column", "label_column"):
+            if getattr(d, key) not in columns:
+                raise ConfigError(f"data.{key}: {d.path} has no column {getattr(d, key)!r}; its columns are {columns}")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
