@@ -1,13 +1,15 @@
 """FeatureCache: tapped features computed once; training from them equals training without; stale stores
-are rebuilt."""
+(other weights, config, dtype, taps or inputs) and damaged or tampered files are rebuilt."""
 
 from __future__ import annotations
 
 import torch
 from conftest import CASES
+from safetensors.torch import load_file
 
 import restuning
 from restuning import BypassConfig, FeatureCache
+from restuning.bypass.cache import _describe, fingerprint
 
 
 def _data(seed: int = 0, n: int = 12) -> tuple[dict, torch.Tensor]:
@@ -120,3 +122,69 @@ def test_a_damaged_file_is_rebuilt(tmp_path):
     assert cache.status == "rebuilt"
     assert all(torch.equal(a, b) for a, b in zip(good.features, again.features, strict=True))
     assert [p.name for p in tmp_path.iterdir()] == ["features.safetensors"]  # no temporary file left
+
+
+def _vit_with(hidden_act: str, weights: dict | None = None):
+    """The test ViT with another activation, optionally loaded with the given weights."""
+    from transformers import ViTModel
+
+    reference = CASES["vit"].model()
+    config = reference.config.__class__.from_dict({**reference.config.to_dict(), "hidden_act": hidden_act})
+    config._attn_implementation = reference.config._attn_implementation
+    backbone = ViTModel(config).eval()
+    backbone.load_state_dict(weights if weights is not None else reference.state_dict())
+    torch.manual_seed(1)
+    return restuning.get_restuning_model(backbone, BypassConfig(num_classes=3))
+
+
+def test_the_backbone_config_is_in_the_key(tmp_path):
+    """Same weights, other activation: another key, and the stored gelu features are not reused."""
+    inputs, _ = _data()
+    gelu, relu = _vit_with("gelu"), _vit_with("relu")
+    assert all(torch.equal(a, b) for a, b in zip(gelu.base_model.state_dict().values(),
+                                                 relu.base_model.state_dict().values(), strict=True))
+    assert fingerprint(gelu, inputs) != fingerprint(relu, inputs)
+    first = FeatureCache(tmp_path).get(gelu, inputs)
+    cache = FeatureCache(tmp_path)
+    got = cache.get(relu, inputs)
+    assert cache.status == "rebuilt"
+    expected = relu.features(**inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got.features, expected, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(got.features, first.features, strict=True))
+
+    wider = _model()
+    key = fingerprint(wider, inputs)
+    wider.base_model.double()
+    assert fingerprint(wider, inputs) != key
+
+
+def test_a_module_without_a_config_is_described_by_its_module_tree():
+    torch.manual_seed(0)
+    relu = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    gelu = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    gelu.load_state_dict(relu.state_dict())
+    assert _describe(relu) != _describe(gelu)
+    assert _describe(relu) != _describe(relu.to(torch.float64))
+
+
+def test_a_tampered_file_is_rebuilt_never_used(tmp_path):
+    """Bytes flipped inside a tensor's data, header intact: the file still parses, the checksum catches it."""
+    inputs, _ = _data()
+    model = _model()
+    good = FeatureCache(tmp_path).get(model, inputs)
+    path = tmp_path / "features.safetensors"
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    for i in range(header + 16, header + 24):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    tampered = load_file(str(path))
+    assert not all(torch.equal(tampered[f"x{i}"], f) for i, f in enumerate(good.features))
+
+    cache = FeatureCache(tmp_path)
+    again = cache.get(model, inputs)
+    assert cache.status == "rebuilt"
+    assert all(torch.equal(a, b) for a, b in zip(good.features, again.features, strict=True))
+    cache = FeatureCache(tmp_path)
+    cache.get(model, inputs)
+    assert cache.status == "loaded"  # the rebuilt file is whole again

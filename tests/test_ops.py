@@ -136,3 +136,107 @@ def test_tuners_attach_by_hooks_not_patching():
     assert {name: type(m).forward for name, m in model.named_modules()} == forwards
     handles = sum(len(a.handles) for a in tuned._attachments)
     assert handles == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# --- target_modules alone, on a plain nn.Module with no blocks (PEFT's first test case) ------------
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return _MLP()
+
+
+def _sequential() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+PLAIN = {
+    "ffn_adapter_regex": (_mlp, ResTuningConfig(mha=None, ffn="res_adapter", target_modules={"ffn": r"fc\d"})),
+    "custom_lora_names": (_mlp, ResTuningConfig(mha=None, ffn=None, custom={"fc": "lora"},
+                                                target_modules={"fc": ["fc1", "fc2"]})),
+    "sequential_ffn": (_sequential, ResTuningConfig(mha=None, ffn="res_adapter", target_modules={"ffn": ["0", "2"]})),
+}
+
+
+@pytest.fixture(params=sorted(PLAIN))
+def plain(request):
+    return PLAIN[request.param]
+
+
+def test_target_modules_alone_find_ops_on_a_module_without_blocks(plain):
+    build, config = plain
+    sites = find_ops(build(), config)
+    assert len(sites) == 2 and all(s.layer is None and s.block is None for s in sites)
+    assert [(s.in_features, s.out_features) for s in sites] == [(8, 16), (16, 4)]
+
+
+def test_plain_module_step0_training_checkpoint_and_unload(plain, tmp_path):
+    build, config = plain
+    x, target = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+    model = build()
+    reference = model(x).detach()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = restuning.get_restuning_model(model, config)
+    torch.testing.assert_close(tuned(x), reference, atol=0, rtol=0)
+
+    tuned.train()
+    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(tuned(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tuned.eval()
+    trained = tuned(x).detach()
+    assert not torch.allclose(trained, reference)
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+
+    tuned.save_pretrained(tmp_path)
+    loaded = restuning.ResTuningModel.from_pretrained(build(), tmp_path)
+    torch.testing.assert_close(loaded(x), trained, atol=0, rtol=0)
+
+    pristine = tuned.unload()
+    assert pristine is model
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pristine.modules())
+    assert all(p.requires_grad for p in pristine.parameters())
+    torch.testing.assert_close(pristine(x), reference, atol=0, rtol=0)
+
+
+def test_layers_without_blocks_is_a_clear_error():
+    config = ResTuningConfig(mha=None, ffn="res_adapter", layers=[0], target_modules={"ffn": r"fc\d"})
+    with pytest.raises(OpMatchError, match=r"ffn\.layers=\[0\].*no blocks were found in _MLP"):
+        find_ops(_mlp(), config)
+
+
+def test_no_blocks_error_gives_a_target_modules_example_that_works():
+    import re
+
+    model = _mlp()
+    with pytest.raises(OpMatchError) as info:
+        find_ops(model, ResTuningConfig())
+    message = str(info.value)
+    assert "ModuleLists: []" in message and "Modules: ['fc1', 'act', 'fc2']" in message
+    assert "target_modules={'ffn': ['fc1', 'fc2']}" in message
+    examples = re.findall(r"ResTuningConfig\([^()]*\)", message)
+    assert len(examples) == 2
+    x = torch.randn(2, 8)
+    for example in examples:
+        config = eval(example, {"ResTuningConfig": ResTuningConfig})  # noqa: S307 - our own message
+        assert [s.exit for s in find_ops(model, config)] == ["fc1", "fc2"]
+        torch.testing.assert_close(restuning.get_restuning_model(_mlp(), config)(x), _mlp()(x), atol=0, rtol=0)
+
+
+def test_forced_family_is_still_checked_when_every_kind_is_named():
+    config = ResTuningConfig(mha=None, ffn="res_adapter", family="vit", target_modules={"ffn": r"fc\d"})
+    with pytest.raises(OpMatchError, match="family 'vit'"):
+        find_ops(_mlp(), config)
+    structural = ResTuningConfig(mha=None, ffn="res_adapter", family="structural", target_modules={"ffn": r"fc\d"})
+    assert len(find_ops(_mlp(), structural)) == 2

@@ -1,8 +1,9 @@
 """A store of tapped backbone features for a fixed dataset: compute once, train the bypass many epochs.
 
 Valid only when the backbone is frozen and the inputs have no random augmentation. The store is keyed
-by a fingerprint of the backbone's weights, the taps and the inputs: a stale or mismatched store (other
-backbone, other taps, other data) is rebuilt, never used.
+by a fingerprint of the backbone's weights, config, module tree and dtype, the taps and the inputs: a
+stale or mismatched store (other backbone, other taps, other data) is rebuilt, never used. The stored
+file carries a sha256 of its tensors, checked on load: a file whose bytes changed is rebuilt too.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..checkpoint import atomic_write
 from .model import FrozenBackbone
@@ -77,7 +80,8 @@ class FeatureCache:
         return self.directory / FILE_NAME
 
     def _read(self, key: str) -> tuple[CachedFeatures | None, bool]:
-        """(features, whether a file was there). A file for another key, or a damaged one, is not used."""
+        """(features, whether a file was there). A file for another key, or a damaged one (unreadable,
+        or its tensors no longer match the checksum written with them), is not used."""
         path = self._path()
         if not path.is_file():
             return None, False
@@ -87,6 +91,8 @@ class FeatureCache:
             if meta.get("fingerprint") != key:
                 return None, True
             tensors = load_file(str(path))
+            if meta.get("checksum") != checksum(tensors):
+                return None, True
             depth = int(meta["depth"])
             features = [tensors[f"x{i}"] for i in range(depth)]
         except (SafetensorError, OSError, ValueError, KeyError):
@@ -97,8 +103,15 @@ class FeatureCache:
         tensors = {f"x{i}": f.contiguous() for i, f in enumerate(cached.features)}
         if cached.attention_mask is not None:
             tensors["attention_mask"] = cached.attention_mask.contiguous()
-        meta = {"fingerprint": cached.fingerprint, "depth": str(len(cached.features))}
+        meta = {"fingerprint": cached.fingerprint, "depth": str(len(cached.features)), "checksum": checksum(tensors)}
         atomic_write(self._path(), lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `tensors`: what a stored file must still hold."""
+    h = hashlib.sha256()
+    _hash_tensors(h, tensors)
+    return h.hexdigest()
 
 
 def compute(model: FrozenBackbone, inputs: Inputs, batch_size: int, key: str = "") -> CachedFeatures:
@@ -116,14 +129,42 @@ def compute(model: FrozenBackbone, inputs: Inputs, batch_size: int, key: str = "
 
 
 def fingerprint(model: FrozenBackbone, inputs: Inputs) -> str:
-    """sha256 over the backbone's parameters and buffers (persistent or not), the taps, and the inputs."""
+    """sha256 over the backbone (its config, module tree, parameter dtype, parameters and buffers,
+    persistent or not), the taps, and the inputs."""
     h = hashlib.sha256()
-    taps = {"taps": list(model.taps.points), "first_token_only": model.taps.first_token_only}
-    h.update(json.dumps({**taps, "class": type(model.base_model).__name__}).encode())
     base = model.base_model
+    taps = {"taps": list(model.taps.points), "first_token_only": model.taps.first_token_only}
+    h.update(json.dumps({**taps, "class": type(base).__name__}).encode())
+    h.update(_describe(base).encode())
     _hash_tensors(h, {**dict(base.named_parameters()), **{f"buffer:{n}": b for n, b in base.named_buffers()}})
     _hash_tensors(h, {"": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs))
     return h.hexdigest()
+
+
+# Where the weights were read from, not how features are computed: the same weights from another
+# folder are the same backbone (the weights themselves are hashed). Everything else stays in the key,
+# `dtype` and `transformers_version` included (a new version may compute the same op differently).
+_LOCATION_KEYS = frozenset({"_name_or_path"})
+
+
+def _describe(model: nn.Module) -> str:
+    """The backbone's computation beyond its tensors, as JSON: its config (transformers' `to_dict()`, or a
+    diffusers config mapping) with the attention implementation (or processors), its module tree (repr: the
+    activations and layer options of a module without a config) and its parameter dtype."""
+    cfg = getattr(model, "config", None)
+    config: dict[str, Any] | None = None
+    if hasattr(cfg, "to_dict"):
+        config = cfg.to_dict()
+    elif isinstance(cfg, Mapping):
+        config = dict(cfg)
+    if config is not None:
+        config = {k: v for k, v in config.items() if k not in _LOCATION_KEYS}
+        config["_attn_implementation"] = getattr(cfg, "_attn_implementation", None)
+    dtype = next((str(p.dtype) for p in model.parameters()), None)
+    # A diffusers model's attention processors (sdpa or not) are not in its config or repr.
+    processors = {k: type(v).__name__ for k, v in getattr(model, "attn_processors", {}).items()}
+    return json.dumps({"config": config, "modules": repr(model), "dtype": dtype, "attn_processors": processors},
+                      sort_keys=True, default=str)
 
 
 def _hash_tensors(h, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -148,4 +189,4 @@ def _slice(inputs: Inputs, start: int, stop: int, device: torch.device) -> Input
     return {k: v[start:stop].to(device) for k, v in inputs.items()}
 
 
-__all__ = ["CachedFeatures", "FeatureCache", "compute", "fingerprint"]
+__all__ = ["CachedFeatures", "FeatureCache", "checksum", "compute", "fingerprint"]

@@ -55,11 +55,15 @@ _PRE_NORM = re.compile(r"(norm1|norm_1|ln_1|layernorm_before|layer_norm1|ln1|att
 def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
     """Every op that `config` puts a tuner on, in module order.
 
+    Op kinds named in `target_modules` are found by name on any module; block lists are searched only
+    for the kinds without an override (and, when some are found, to number the override sites by
+    block; a site outside every block has `layer=None`).
+
     Raises OpMatchError (listing what was found) when an op kind that has a tuner matches nothing,
     or when a match is ambiguous.
     """
     specs = config.specs()
-    stacks = block_stacks(model, config.family)
+    stacks = _stacks_for(model, config, [kind for kind in specs if kind not in config.target_modules])
     sites: list[OpSite] = []
     for kind, spec in specs.items():
         layers = spec.layers if spec.layers is not None else config.layers
@@ -72,6 +76,11 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
                 stacks[0].sites(kind)  # raises, naming the family
             found = [site for stack in pool for site in stack.sites(kind)]
         if layers is not None:
+            if not pool:
+                raise OpMatchError(
+                    f"{kind}.layers={layers}: layer indices count blocks, and no blocks were found in "
+                    f"{type(model).__name__}; drop `layers` and choose the modules with target_modules[{kind!r}]"
+                )
             depth = max((s.offset + len(s.blocks) for s in pool), default=0)
             bad = [i for i in layers if not 0 <= i < depth]
             if bad:
@@ -81,6 +90,42 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
             raise OpMatchError(f"no {kind} op matched; blocks found: {[s.name for s in stacks] or 'none'}")
         sites.extend(found)
     return sites
+
+
+def _stacks_for(model: nn.Module, config: ResTuningConfig, unnamed: list[str]) -> list[BlockStack]:
+    """The block lists of `model`, for the op kinds in `unnamed` (those without target_modules).
+
+    With every kind named, blocks only number the sites: a model without any (a plain MLP) gives [].
+    A forced family map is still checked against the model, since the user asked for it.
+    """
+    if not unnamed:
+        try:
+            return block_stacks(model, config.family)
+        except OpMatchError:
+            if config.family not in (None, "structural"):
+                raise
+            return []
+    try:
+        return block_stacks(model, config.family)
+    except OpMatchError as err:
+        raise OpMatchError(f"{err}\n{_target_modules_hint(model, unnamed)}") from err
+
+
+def _target_modules_hint(model: nn.Module, kinds: list[str]) -> str:
+    """What to write instead of relying on blocks: a config naming this model's own Linear layers."""
+    linears = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+    needs = f"op kinds {kinds} are looked up in blocks, and none were found."
+    if not linears:
+        return f"The {needs} Name the ops with target_modules (PEFT's matching rules)."
+    chosen = linears[:8]
+    exact = all(not name_matches(n, chosen) or n in chosen for n, _ in model.named_modules())
+    target = chosen if exact else "|".join(re.escape(n) for n in chosen)
+    return (
+        f"The {needs} Name the ops with target_modules instead; for example, a Res-Adapter in parallel to "
+        f"Linear layers of this model: ResTuningConfig(mha=None, ffn='res_adapter', target_modules={{'ffn': "
+        f"{target!r}}}), or LoRA on them: ResTuningConfig(mha=None, ffn=None, custom={{'lora': 'lora'}}, "
+        f"target_modules={{'lora': {target!r}}}). Linear layers: {linears[:40]}"
+    )
 
 
 @dataclass
@@ -221,10 +266,12 @@ def _structural_stacks(model: nn.Module) -> list[BlockStack]:
             problems.append(str(err))
     if not stacks:
         lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        names = [n for n, _ in model.named_modules() if n]
         raise OpMatchError(
             "could not find transformer blocks: no known family map for "
             f"model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}, and the structural "
-            f"search found none. ModuleLists: {lists}. Problems: {problems}. Name the ops with target_modules."
+            f"search found none. ModuleLists: {lists}. Problems: {problems}. Modules: {names[:40]}"
+            f"{' ...' if len(names) > 40 else ''}. Name the ops with target_modules."
         )
     return stacks
 
