@@ -81,13 +81,16 @@ class DiffusionTrainConfig:
         method: `full`, `restuning` (`ResTuningConfig` fields; default: Res-Adapters on MHA and FFN of the
             middle block and decoder, as the paper), `bypass` (`BypassConfig` fields) or `peft_lora`
             (`peft.LoraConfig` fields; default rank 4 on to_q, to_k, to_v, to_out.0 of every attention).
-        output_dir: metrics.jsonl and the final weights (`final/`) go here.
-        log_every: optimizer steps per metrics.jsonl record.
-        eval_every: optimizer steps between losses on a fixed batch (fixed noise and timesteps, so they
-            are comparable); 0: at the start and the end only.
+        output_dir: metrics.jsonl, checkpoints and the final weights (`final/`) go here (see
+            `restuning.train.rundir`); a run started again resumes there if its config is the same.
+        unit: `step` (optimizer steps) or `epoch`: what `log_every`, `eval_every` and `checkpoint_every`
+            count.
+        log_every: units per metrics.jsonl record.
+        eval_every: units between losses on a fixed batch (fixed noise and timesteps, so they are
+            comparable); 0: at the start and the end only.
         eval_size: images in that fixed batch.
-        checkpoint_every: optimizer steps between resumable checkpoints (`output_dir/checkpoint`; a run
-            started again goes on from there); 0: none.
+        checkpoint_every: units between resumable checkpoints (`output_dir/checkpoints`; a run started
+            again goes on from there; a run that checkpoints also does so at its end); 0: none.
     """
 
     model: str = "tiny"
@@ -96,6 +99,7 @@ class DiffusionTrainConfig:
     optim: DiffusionOptimConfig = field(default_factory=DiffusionOptimConfig)
     seed: int = 0
     output_dir: str = "runs/diffusion"
+    unit: str = "step"
     log_every: int = 10
     eval_every: int = 0
     eval_size: int = 8
@@ -131,6 +135,8 @@ class DiffusionTrainConfig:
                           "optim.grad_accum": o.grad_accum, "log_every": self.log_every, "eval_size": self.eval_size})
         require_positive({"optim.max_steps": o.max_steps, "data.per_digit": d.per_digit,
                           "data.max_items": d.max_items}, optional=True)
+        if self.unit not in ("epoch", "step"):
+            raise ConfigError(f"unit: expected epoch or step, got {self.unit!r}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every: expected 0 (none) or more, got {self.checkpoint_every!r}")
         if self.eval_every < 0:

@@ -92,9 +92,14 @@ class TrainConfig:
     """Args:
         backbone: a shipped asset (`all-MiniLM-L6-v2`, `dinov2-small`, `efficientnet-lite0`), a Hugging
             Face id, or a local model folder.
-        output_dir: metrics.jsonl, checkpoints and the final tuned weights go here.
-        eval_every: evaluate every this many epochs (and after the last).
-        checkpoint_every: optimizer steps between resumable checkpoints (0: at epoch ends only).
+        output_dir: metrics.jsonl, checkpoints and the final tuned weights go here (see
+            `restuning.train.rundir`); a run started again resumes there if its config is the same.
+        unit: `epoch` or `step` (optimizer steps): what `log_every`, `eval_every` and `checkpoint_every`
+            count; records and checkpoints of `epoch` runs come at epoch ends.
+        log_every: units between metrics.jsonl records with the training loss.
+        eval_every: units between evaluations; 0: at the end only (the last unit always evaluates).
+        checkpoint_every: units between resumable checkpoints (`checkpoints/`; a run that checkpoints also
+            does so at its end); 0: none.
         feature_cache: train methods that never back-propagate into the backbone (bypass, side_tuning,
             lst) from backbone features computed once, when the inputs are not augmented. `False` runs the
             backbone at every step (the same results; less memory, more time).
@@ -106,8 +111,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     output_dir: str = "runs/run"
+    unit: str = "epoch"
+    log_every: int = 1
     eval_every: int = 1
-    checkpoint_every: int = 0
+    checkpoint_every: int = 1
     feature_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -123,9 +130,13 @@ class TrainConfig:
         require_positive({"optim.epochs": self.optim.epochs, "optim.batch_size": self.optim.batch_size,
                           "optim.grad_accum": self.optim.grad_accum, "data.image_size": self.data.image_size,
                           "data.test_size": self.data.test_size, "data.max_length": self.data.max_length,
-                          "eval_every": self.eval_every})
+                          "log_every": self.log_every})
+        if self.unit not in ("epoch", "step"):
+            raise ConfigError(f"unit: expected epoch or step, got {self.unit!r}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every: expected 0 (at the end only) or more, got {self.eval_every!r}")
         if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every: expected 0 (epoch ends only) or more, got {self.checkpoint_every!r}")
+            raise ConfigError(f"checkpoint_every: expected 0 (none) or more, got {self.checkpoint_every!r}")
         if self.optim.lr <= 0 or self.optim.warmup_epochs < 0:
             raise ConfigError(f"optim.lr must be positive and optim.warmup_epochs not negative, got "
                               f"{self.optim.lr!r} and {self.optim.warmup_epochs!r}")

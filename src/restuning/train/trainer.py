@@ -68,16 +68,17 @@ def load_data(config: TrainConfig, backbone: Backbone) -> RunData:
 
 
 class Trainer(TrainingLoop):
-    """One classification run of `config`: `run()` trains (resuming from `output_dir/checkpoint` if there is
-    one), evaluates every `eval_every` epochs, and writes `metrics.jsonl` and `final/`."""
+    """One classification run of `config`: `run()` trains (resuming from the newest checkpoint in
+    `output_dir/checkpoints` if there is one), logs, evaluates and checkpoints every `log_every`,
+    `eval_every` and `checkpoint_every` `unit`s, and writes `metrics.jsonl` and `final/`."""
 
     def __init__(self, config: TrainConfig, progress: bool = True):
         o = config.optim
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
-            schedule="cosine", warmup_epochs=o.warmup_epochs, unit="epoch", eval_every=config.eval_every,
-            checkpoint_every=config.checkpoint_every,
+            schedule="cosine", warmup_epochs=o.warmup_epochs, unit=config.unit, log_every=config.log_every,
+            eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
             # Full fine-tuning and BitFit train parameters the loss may not reach (DINOv2's mask token).
             find_unused_parameters=config.method.name in ("full", "bitfit")), progress)
         self.config = config
@@ -111,6 +112,9 @@ class Trainer(TrainingLoop):
         return FeatureCache().get(unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
     # --- the loop's hooks -------------------------------------------------------------------
+    def run_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
     def on_train_start(self) -> None:
         self._cached = self._feature_cache()
 
@@ -160,6 +164,6 @@ def accuracy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Te
     return correct / len(labels)
 
 
-def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train `config` and return the last epoch's metrics."""
-    return Trainer(config, progress).run()
+def train(config: TrainConfig, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train `config` and return the last record; `allow_changes`: see `TrainingLoop.run`."""
+    return Trainer(config, progress).run(allow_changes=allow_changes)
