@@ -145,3 +145,96 @@ def test_modules_to_save_are_trained_saved_and_restored(tmp_path):
     restored = ResTuningModel.from_pretrained(build(), tmp_path)
     torch.testing.assert_close(restored(**inputs).logits, expected, atol=0, rtol=0)
     assert torch.equal(tuned.unload().classifier.weight, original_head)
+
+
+# --- atomic folder writes (final/, converted assets) ---------------------------------------------------
+class _Killed(BaseException):
+    pass
+
+
+def _kill_from(monkeypatch, n: int) -> None:
+    """The n-th file operation from now on, and every later one, raise `_Killed`, as after a kill."""
+    import os
+    import shutil
+
+    count = [0]
+
+    def deadly(real):
+        def op(*args, **kwargs):
+            count[0] += 1
+            if count[0] >= n:
+                raise _Killed
+            return real(*args, **kwargs)
+        return op
+
+    for owner, name in [(os, "replace"), (os, "mkdir"), (os, "unlink"), (os, "rmdir"), (os, "fsync"),
+                        (shutil, "rmtree")]:
+        monkeypatch.setattr(owner, name, deadly(getattr(owner, name)))
+
+
+def _fill(text: str):
+    def write(folder):
+        (folder / "sub").mkdir()
+        (folder / "a.txt").write_text(text)
+        (folder / "sub" / "b.txt").write_text(text)
+    return write
+
+
+def test_atomic_write_dir_killed_at_any_step_keeps_a_whole_folder_and_never_wedges(tmp_path, monkeypatch):
+    from restuning.checkpoint import atomic_write_dir, clean_temporaries, recover_dir
+
+    n = 0
+    while True:
+        n += 1
+        target = tmp_path / str(n) / "final"
+        atomic_write_dir(target, _fill("old"))
+        with monkeypatch.context() as m:
+            _kill_from(m, n)
+            try:
+                atomic_write_dir(target, _fill("new"))
+                done = True
+            except _Killed:
+                done = False
+        recover_dir(target)  # what a reader that must not miss the folder does first
+        text = (target / "a.txt").read_text()
+        assert text in ("old", "new") and (target / "sub" / "b.txt").read_text() == text, n
+        atomic_write_dir(target, _fill("newer"))  # a kill at any point never blocks a later write
+        clean_temporaries(target)
+        assert sorted(p.name for p in target.parent.iterdir()) == ["final"], n
+        assert (target / "a.txt").read_text() == "newer"
+        if done:
+            break
+    assert n > 5
+
+
+def test_a_leftover_old_folder_neither_blocks_a_write_nor_hides_the_folder(tmp_path):
+    from restuning.checkpoint import atomic_write_dir
+
+    target = tmp_path / "final"
+    atomic_write_dir(target, _fill("v1"))
+    (tmp_path / ".final.old").mkdir()
+    (tmp_path / ".final.old" / "x").write_text("stale")  # a kill after the swap, before the old one went
+    atomic_write_dir(target, _fill("v2"))  # was: OSError Directory not empty, at every later write
+    assert (target / "a.txt").read_text() == "v2" and not (tmp_path / ".final.old").exists()
+    target.rename(tmp_path / ".final.old")  # a kill between the two renames: only the old one is there
+    atomic_write_dir(target, _fill("v3"))
+    assert (target / "a.txt").read_text() == "v3" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    from restuning.checkpoint import atomic_write, atomic_write_dir
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_dir(tmp_path / "final", lambda d: save_file({"a": torch.zeros(1)}, str(d / "w.safetensors")))
+        atomic_write(tmp_path / "f.safetensors", lambda p: save_file({"a": torch.zeros(1)}, str(p)))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "final").stat().st_mode) == 0o755  # was 0o700, as mkdtemp makes it
+    assert stat.S_IMODE((tmp_path / "final" / "w.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "f.safetensors").stat().st_mode) == 0o644

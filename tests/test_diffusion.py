@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from restuning import BypassConfig, ConfigError  # noqa: E402
+from restuning import BypassConfig, ConfigError, RunError  # noqa: E402
 from restuning.cli import main  # noqa: E402
 from restuning.diffusion.bypass import UNetBypassModel, UNetMultiTaskBypass  # noqa: E402
 from restuning.diffusion.data import (  # noqa: E402
@@ -394,11 +394,19 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     # Started again, a finished run trains no more and returns its last record.
     assert DiffusionTrainer(killed, progress=False, components=tiny_pipeline(0)).run() == result
     assert len(records("killed")) == 3
-    # Without checkpoints a run started again starts over, and its log with it.
-    before = records("straight")
-    DiffusionTrainer(config("straight"), progress=False, components=tiny_pipeline(0)).run()
-    assert [r["step"] for r in records("straight")] == [0, 4, 8]
-    assert records("straight")[-1]["eval_loss"] == pytest.approx(before[-1]["eval_loss"], rel=1e-6)
+    # Without checkpoints too, a finished run started again trains no more and writes nothing (it used to
+    # start over, replacing metrics.jsonl and final/).
+    out = tmp_path / "straight"
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    again = DiffusionTrainer(config("straight"), progress=False, components=tiny_pipeline(0))
+    assert again.run() == records("straight")[-1]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+    # Another config in a finished run's folder is refused, naming what differs.
+    changed = config("straight").to_dict()
+    changed["optim"]["lr"] = 1e-3
+    with pytest.raises(RunError, match=r"differs in:\n  optim.lr: saved 0.003, new 0.001\n"):
+        DiffusionTrainer(from_dict(DiffusionTrainConfig, changed), progress=False, components=tiny_pipeline(0)).run()
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_sd_folder_layout_round_trip(tmp_path):

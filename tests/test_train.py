@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,12 +14,14 @@ import torch
 from conftest import CASES
 from safetensors.torch import load_file
 
-from restuning import ConfigError, DataError
+from restuning import CheckpointError, ConfigError, DataError, RunError, TrainingError
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from restuning.cli import main
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
 from restuning.methods import load_model, trainable_state
 from restuning.train.config import TrainConfig, from_dict, load_config
 from restuning.train.evaluate import evaluate_run
+from restuning.train.rundir import RunDirectory
 from restuning.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +53,9 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("optim: {weight_decay: -0.1}", "optim.weight_decay: expected at least 0"),
     ("optim: {mixed_precision: fp8}", r"optim.mixed_precision: expected one of \['no', 'bf16', 'fp16'\]"),
     ("seed: [1]", "seed: expected int, got list"),
-    ("eval_every: 0", "eval_every: expected a positive integer"),
+    ("eval_every: -1", "eval_every: expected at least 0"),
+    ("log_every: 0", "log_every: expected a positive integer"),
+    ("unit: batch", r"unit: expected one of \['epoch', 'step'\]"),
     ("checkpoint_every: -1", "checkpoint_every: expected at least 0"),
 ])
 def test_bad_configs_stop_before_any_work(tmp_path, text, message):
@@ -116,13 +121,20 @@ def _tiny_vit(tmp_path: Path) -> Path:
     return folder
 
 
-def _config(tmp_path: Path, method: str, **optim) -> TrainConfig:
+def _config(tmp_path: Path, method: str, top: dict | None = None, **optim) -> TrainConfig:
     return from_dict(TrainConfig, {
         "backbone": str(_tiny_vit(tmp_path)), "method": {"name": method},
         "data": {"name": "mnist", "train_size": 96, "test_size": 64, "image_size": 16},
         "optim": {"epochs": 2, "batch_size": 16, "lr": 0.01, "warmup_epochs": 0.5, **optim},
-        "output_dir": str(tmp_path / f"run-{method}"), "checkpoint_every": 2,
+        "output_dir": str(tmp_path / f"run-{method}"), **(top or {}),
     })
+
+
+def _checkpoint(out: Path) -> Path:
+    """The run's current (newest) resumable checkpoint."""
+    checkpoint = RunDirectory(out, main=False).latest_checkpoint()
+    assert checkpoint is not None, f"no checkpoint in {out}"
+    return checkpoint
 
 
 @pytest.mark.parametrize("method", ["linear", "full", "restuning", "bypass", "lst", "peft_lora", "bitfit"])
@@ -135,7 +147,7 @@ def test_every_method_trains_and_writes_its_files(tmp_path, method):
     assert records[1]["train_loss"] < records[0]["train_loss"]
     assert sorted(p.name for p in (out / "final").iterdir()) == sorted(
         [CONFIG_NAME, WEIGHTS_NAME, "train_config.json", "classes.json"])  # one checkpoint format for all
-    assert (out / "checkpoint" / "state.pt").is_file()
+    assert _checkpoint(out).name == "step-00000012"
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
     # final/ rebuilds the same classifier from a fresh backbone, without the training data
     assert evaluate_run(out)["test_accuracy"] == result["test_accuracy"]
@@ -145,32 +157,91 @@ def test_every_method_trains_and_writes_its_files(tmp_path, method):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path, grad_accum):
-    whole = _config(tmp_path / "a", "restuning", grad_accum=grad_accum)
+def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path, grad_accum, capsys):
+    steps = {"unit": "step", "log_every": 3, "eval_every": 0, "checkpoint_every": 2}  # mid-epoch checkpoints
+    whole = _config(tmp_path / "a", "restuning", steps, grad_accum=grad_accum)
     expected = Trainer(whole, progress=False).run()
-    resumed = _config(tmp_path / "b", "restuning", grad_accum=grad_accum)
+    resumed = _config(tmp_path / "b", "restuning", steps, grad_accum=grad_accum)
     assert Trainer(resumed, progress=False).run(stop_after_batches=5) == {"stopped": True}  # killed in epoch 1
-    state = torch.load(Path(resumed.output_dir) / "checkpoint" / "state.pt", weights_only=True)
+    state = torch.load(_checkpoint(Path(resumed.output_dir)) / "state.pt", weights_only=True)
     assert (state["epoch"], state["batch"]) == (0, 4)
     with open(Path(resumed.output_dir) / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 1, "train_lo')  # a record cut short by the kill: dropped on resume
+        f.write('{"step": 4, "train_lo')  # a record cut short by the kill: dropped on resume
+    capsys.readouterr()
     result = Trainer(resumed, progress=False).run()
+    assert f"resuming {resumed.output_dir} from checkpoints/step-0000000{4 // grad_accum}: in epoch 1 after batch 4" \
+        in capsys.readouterr().err
     assert result["test_accuracy"] == expected["test_accuracy"]
     assert result["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-6)
     a = load_file(str(Path(whole.output_dir) / "final" / WEIGHTS_NAME))
     b = load_file(str(Path(resumed.output_dir) / "final" / WEIGHTS_NAME))
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6)
-    epochs = [json.loads(x)["epoch"] for x in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
+    logged = [json.loads(x)["step"] for x in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(3, 12 // grad_accum + 1, 3))
 
 
 def test_a_damaged_checkpoint_is_refused_clearly(tmp_path):
     config = _config(tmp_path, "linear")
-    assert Trainer(config, progress=False).run(stop_after_batches=2) == {"stopped": True}
-    (Path(config.output_dir) / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="checkpoint cannot be read.*remove it"):
+    assert Trainer(config, progress=False).run(stop_after_batches=7) == {"stopped": True}  # after epoch 1's
+    (_checkpoint(Path(config.output_dir)) / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="checkpoint cannot be read.*remove it"):
         Trainer(config, progress=False).run()
+
+
+def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_can_go_on_with_a_lower_lr(tmp_path):
+    config = _config(tmp_path, "restuning", lr=1000.0)
+    out = Path(config.output_dir)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2, batch 2.*step-00000006, is kept"):
+        Trainer(config, progress=False).run()  # was: exit 0 with every tensor of final/ NaN
+    assert not (out / "final").exists() and _checkpoint(out).name == "step-00000006"
+    assert all(torch.isfinite(t).all() for t in load_file(str(_checkpoint(out) / "trainable.safetensors")).values())
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x, parse_constant=lambda c: pytest.fail(c))["epoch"] for x in lines] == [1]
+    config.optim.lr = 0.01
+    with pytest.raises(RunError, match="optim.lr: saved 1000.0, new 0.01"):
+        Trainer(config, progress=False).run()
+    result = Trainer(config, progress=False).run(allow_changes=("optim.lr",))
+    assert result["epoch"] == 2 and math.isfinite(result["train_loss"])
+
+
+def test_a_finished_run_given_another_backbone_is_refused(tmp_path):
+    config = _config(tmp_path, "linear")
+    Trainer(config, progress=False).run()
+    config.backbone = str(_tiny_vit(tmp_path / "other"))
+    with pytest.raises(RunError, match=rf"differs in:\n  backbone: saved '{_tiny_vit(tmp_path)}', new "
+                                       rf"'{config.backbone}'\n"):
+        Trainer(config, progress=False).run()  # was: the old run's result
+
+
+def test_an_unusable_output_dir_is_refused_before_the_backbone_loads(tmp_path, monkeypatch):
+    import restuning.train.trainer as trainer_module
+
+    config = _config(tmp_path, "linear")
+    Path(config.output_dir).mkdir()
+    (Path(config.output_dir) / "checkpoints").write_text("not a folder")
+    monkeypatch.setattr(trainer_module, "load_backbone", lambda name: pytest.fail("loaded the backbone"))
+    with pytest.raises(RunError, match="checkpoints: restuning keeps the resumable checkpoints folder here"):
+        Trainer(config, progress=False)
+
+
+def test_cli_train_refuses_a_changed_config_unless_allowed(tmp_path, capsys):
+    import yaml
+
+    config = _config(tmp_path, "linear")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0  # finished: its last record again
+    assert "the run is finished" in capsys.readouterr().err
+    more = ["train", "--config", str(path), "--no-progress", "--set", "optim.epochs=3"]
+    assert main(more) == 2
+    assert "optim.epochs: saved 2, new 3" in (err := capsys.readouterr().err) and "--allow-change optim.epochs" in err
+    assert main([*more, "--allow-change", "optim.epochs"]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == 3
+    out = Path(config.output_dir)
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((out / "run_config.json").read_text())["optim"]["epochs"] == 3
 
 
 def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp_path):
@@ -208,7 +279,7 @@ def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path, m
     for name, value in ranks[0].items():
         assert torch.equal(value, ranks[1][name]), name
     out = Path(config.output_dir)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "final", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final", "metrics.jsonl", "run_config.json"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # written by rank 0 only
     saved = trainable_state(load_model(CASES["vit"].model(), out / "final", trainable=True))
     assert all(torch.equal(saved[n], v) for n, v in ranks[0].items())

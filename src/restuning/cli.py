@@ -32,7 +32,7 @@ def _load(loader, args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    from .errors import RestuningError, TrainingError
     from .train.config import load_config
     from .train.trainer import train
 
@@ -40,10 +40,10 @@ def _train(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     try:
-        result = train(config, progress=not args.no_progress)
-    except ConfigError as err:  # e.g. a checkpoint in output_dir that does not fit or cannot be read
+        result = train(config, progress=not args.no_progress, allow_changes=tuple(args.allow_change))
+    except RestuningError as err:  # a run folder in use or of another config, a damaged checkpoint, divergence
         print(f"train: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, TrainingError) else 2
     print(json.dumps(result))
     return 0
 
@@ -81,10 +81,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _diffusion_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .diffusion.data import DataError
     from .diffusion.train import DiffusionTrainer
     from .diffusion.train_config import load_diffusion_config
+    from .errors import RestuningError, TrainingError
     from .ops import OpMatchError
 
     config = _load(load_diffusion_config, args)
@@ -92,14 +91,14 @@ def _diffusion_train(args: argparse.Namespace) -> int:
         return 2
     try:  # setting up: what the config asks of the model and the data is checked here (no training yet)
         trainer = DiffusionTrainer(config, progress=not args.no_progress)
-    except (ValueError, OpMatchError) as err:  # ConfigError, DataError, PEFT's and the tuners' errors
+    except (ValueError, OpMatchError, RestuningError) as err:  # also PEFT's and the tuners' errors; RunError
         print(f"diffusion-train: {err}", file=sys.stderr)
         return 2
     try:
-        result = trainer.run()
-    except (ConfigError, DataError) as err:
+        result = trainer.run(allow_changes=tuple(args.allow_change))
+    except RestuningError as err:
         print(f"diffusion-train: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, TrainingError) else 2
     print(json.dumps(result))
     return 0
 
@@ -183,10 +182,14 @@ def _default_device() -> str:
 
 
 def _run_command(sub, name: str, func, help: str, config_help: str, set_help: str) -> None:
-    """A subcommand that runs a YAML run config: --config, --set KEY=VALUE overrides, --no-progress."""
+    """A subcommand that runs a YAML run config: --config, --set KEY=VALUE overrides, --allow-change KEY,
+    --no-progress."""
     command = sub.add_parser(name, help=help)
     command.add_argument("--config", required=True, help=config_help)
     command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    command.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                         help="a dotted config key (e.g. optim.epochs) that may differ from the config saved in "
+                              "output_dir when a run is started again (repeatable)")
     command.add_argument("--no-progress", action="store_true")
     command.set_defaults(func=func)
 

@@ -144,9 +144,9 @@ def fixed_batch_loss(model: nn.Module, noise_scheduler, batch: dict[str, torch.T
 # --- the run -------------------------------------------------------------------------------------
 class DiffusionTrainer(TrainingLoop):
     """One text-to-image run of `config`: `run()` trains and writes `metrics.jsonl` (a record every
-    `log_every` optimizer steps, the fixed-batch loss every `eval_every`), resumable checkpoints every
-    `checkpoint_every` steps (`checkpoint/`), and `final/` (`weights/` in the method's format and
-    `train_config.json`)."""
+    `log_every` `unit`s, optimizer steps by default, the fixed-batch loss every `eval_every`), resumable
+    checkpoints every `checkpoint_every` (`checkpoints/`), and `final/` (`weights/` in the method's format
+    and `train_config.json`)."""
 
     def __init__(self, config: DiffusionTrainConfig, progress: bool = True,
                  components: SDComponents | None = None):
@@ -155,7 +155,7 @@ class DiffusionTrainer(TrainingLoop):
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
-            schedule="constant", max_steps=o.max_steps, max_grad_norm=o.max_grad_norm, unit="step",
+            schedule="constant", max_steps=o.max_steps, max_grad_norm=o.max_grad_norm, unit=config.unit,
             log_every=config.log_every, eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
             find_unused_parameters=method.trains_backbone), progress)
         self.config, self.method = config, method
@@ -173,6 +173,9 @@ class DiffusionTrainer(TrainingLoop):
         self.evaluation = fixed_batch(self.components, self.data, config.eval_size, config.seed,
                                       self.accelerator.device)
         self.start_loss: float | None = None
+
+    def run_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
 
     def batch_loss(self, model: nn.Module, index: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
         """Images -> latents, captions -> text states, a noise and a timestep per sample, from a generator
@@ -222,7 +225,8 @@ class DiffusionTrainer(TrainingLoop):
         (directory / RUN_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
 
 
-def train_diffusion(config: DiffusionTrainConfig, progress: bool = True,
-                    components: SDComponents | None = None) -> dict[str, Any]:
-    """Train `config` and return the final record (fixed-batch loss before and after, trainable params)."""
-    return DiffusionTrainer(config, progress, components).run()
+def train_diffusion(config: DiffusionTrainConfig, progress: bool = True, components: SDComponents | None = None,
+                    allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train `config` and return the final record (fixed-batch loss before and after, trainable params);
+    `allow_changes`: see `TrainingLoop.run`."""
+    return DiffusionTrainer(config, progress, components).run(allow_changes=allow_changes)

@@ -80,13 +80,16 @@ class DiffusionTrainConfig(ConfigBase):
         method: `full`, `restuning` (`ResTuningConfig` fields; default: Res-Adapters on MHA and FFN of the
             middle block and decoder, as the paper), `bypass` (`BypassConfig` fields) or `peft_lora`
             (`peft.LoraConfig` fields; default rank 4 on to_q, to_k, to_v, to_out.0 of every attention).
-        output_dir: metrics.jsonl and the final weights (`final/`) go here.
-        log_every: optimizer steps per metrics.jsonl record.
-        eval_every: optimizer steps between losses on a fixed batch (fixed noise and timesteps, so they
-            are comparable); 0: at the start and the end only.
+        output_dir: metrics.jsonl, checkpoints and the final weights (`final/`) go here (see
+            `restuning.train.rundir`); a run started again resumes there if its config is the same.
+        unit: `step` (optimizer steps) or `epoch`: what `log_every`, `eval_every` and `checkpoint_every`
+            count.
+        log_every: units per metrics.jsonl record.
+        eval_every: units between losses on a fixed batch (fixed noise and timesteps, so they are
+            comparable); 0: at the start and the end only.
         eval_size: images in that fixed batch.
-        checkpoint_every: optimizer steps between resumable checkpoints (`output_dir/checkpoint`; a run
-            started again goes on from there); 0: none.
+        checkpoint_every: units between resumable checkpoints (`output_dir/checkpoints`; a run started
+            again goes on from there; a run that checkpoints also does so at its end); 0: none.
     """
 
     model: str = "tiny"
@@ -95,6 +98,7 @@ class DiffusionTrainConfig(ConfigBase):
     optim: DiffusionOptimConfig = field(default_factory=DiffusionOptimConfig)
     seed: int = 0
     output_dir: str = "runs/diffusion"
+    unit: str = option("step", choices=("epoch", "step"))
     log_every: int = option(10, ge=1)
     eval_every: int = option(0, ge=0)
     eval_size: int = option(8, ge=1)

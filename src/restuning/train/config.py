@@ -83,9 +83,14 @@ class TrainConfig(ConfigBase):
     """Args:
         backbone: a shipped asset (`all-MiniLM-L6-v2`, `dinov2-small`, `efficientnet-lite0`), a Hugging
             Face id, or a local model folder.
-        output_dir: metrics.jsonl, checkpoints and the final tuned weights go here.
-        eval_every: evaluate every this many epochs (and after the last).
-        checkpoint_every: optimizer steps between resumable checkpoints (0: at epoch ends only).
+        output_dir: metrics.jsonl, checkpoints and the final tuned weights go here (see
+            `restuning.train.rundir`); a run started again resumes there if its config is the same.
+        unit: `epoch` or `step` (optimizer steps): what `log_every`, `eval_every` and `checkpoint_every`
+            count; records and checkpoints of `epoch` runs come at epoch ends.
+        log_every: units between metrics.jsonl records with the training loss.
+        eval_every: units between evaluations; 0: at the end only (the last unit always evaluates).
+        checkpoint_every: units between resumable checkpoints (`checkpoints/`; a run that checkpoints also
+            does so at its end); 0: none.
         feature_cache: train methods that never back-propagate into the backbone (bypass, side_tuning,
             lst) from backbone features computed once, when the inputs are not augmented. `False` runs the
             backbone at every step (the same results; less memory, more time).
@@ -97,8 +102,10 @@ class TrainConfig(ConfigBase):
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     output_dir: str = "runs/run"
-    eval_every: int = option(1, ge=1)
-    checkpoint_every: int = option(0, ge=0)
+    unit: str = option("epoch", choices=("epoch", "step"))
+    log_every: int = option(1, ge=1)
+    eval_every: int = option(1, ge=0)
+    checkpoint_every: int = option(1, ge=0)
     feature_cache: bool = True
 
     def validate(self) -> None:

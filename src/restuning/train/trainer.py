@@ -72,8 +72,9 @@ def load_data(config: TrainConfig, backbone: Backbone) -> RunData:
 
 
 class Trainer(TrainingLoop):
-    """One classification run of `config`: `run()` trains (resuming from `output_dir/checkpoint` if there is
-    one), evaluates every `eval_every` epochs, and writes `metrics.jsonl` and `final/`."""
+    """One classification run of `config`: `run()` trains (resuming from the newest checkpoint in
+    `output_dir/checkpoints` if there is one), logs, evaluates and checkpoints every `log_every`,
+    `eval_every` and `checkpoint_every` `unit`s, and writes `metrics.jsonl` and `final/`."""
 
     def __init__(self, config: TrainConfig, progress: bool = True):
         o = config.optim
@@ -81,8 +82,8 @@ class Trainer(TrainingLoop):
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
-            schedule="cosine", warmup_epochs=o.warmup_epochs, unit="epoch", eval_every=config.eval_every,
-            checkpoint_every=config.checkpoint_every,
+            schedule="cosine", warmup_epochs=o.warmup_epochs, unit=config.unit, log_every=config.log_every,
+            eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
             # Methods that train the backbone's own weights may not reach all of them (DINOv2's mask token).
             find_unused_parameters=method.trains_backbone), progress)
         self.config, self.method = config, method
@@ -119,6 +120,9 @@ class Trainer(TrainingLoop):
         return FeatureCache().get(self.unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
     # --- the loop's hooks -------------------------------------------------------------------
+    def run_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
     def on_train_start(self) -> None:
         self._cached = self._feature_cache()
 
@@ -170,6 +174,6 @@ def accuracy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Te
     return correct / len(labels)
 
 
-def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train `config` and return the last epoch's metrics."""
-    return Trainer(config, progress).run()
+def train(config: TrainConfig, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train `config` and return the last record; `allow_changes`: see `TrainingLoop.run`."""
+    return Trainer(config, progress).run(allow_changes=allow_changes)
