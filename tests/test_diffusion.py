@@ -130,7 +130,7 @@ def test_prior_preservation_adds_class_images_with_the_class_prompt(tmp_path):
     assert torch.isfinite(torch.tensor(result["train_loss"]))
     with pytest.raises(ConfigError, match="class_path: class images"):
         run_config(tmp_path, "bypass", class_path=str(class_dir))  # caption mode
-    missing = run_config(tmp_path, "bypass", mode="subject", digits=[7], class_path=str(tmp_path / "none"))
+    missing = run_config(tmp_path / "other", "bypass", mode="subject", digits=[7], class_path=str(tmp_path / "none"))
     with pytest.raises(DataError, match="no such folder"):
         DiffusionTrainer(missing, progress=False, components=tiny_pipeline(0))
 

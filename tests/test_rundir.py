@@ -235,7 +235,7 @@ def test_a_restart_with_another_config_is_refused_naming_each_key(tmp_path):
                                        r".*--allow-change lr --allow-change seed"):
         Toy(out, lr=0.1, seed=1).run()
     with pytest.raises(ConfigError, match="allow change 'lrate': the run config has no such key"):
-        Toy(out, lr=0.1).run(allow_changes=("lrate",))
+        Toy(out, lr=0.1, allow_changes=("lrate",))
     assert json.loads((out / "run_config.json").read_text())["lr"] == 0.05  # refused: nothing changed
     assert Toy(out).run()["step"] == STEPS
 
@@ -245,8 +245,8 @@ def test_allowed_changes_go_on_from_the_checkpoint_even_after_the_end(tmp_path, 
     Toy(out).run()
     with pytest.raises(RunError, match="epochs: saved 2, new 3"):
         Toy(out, epochs=3).run()
-    longer = Toy(out, epochs=3)
-    result = longer.run(allow_changes=("epochs",))
+    longer = Toy(out, epochs=3, allow_changes=("epochs",))
+    result = longer.run()
     assert longer.batches == 4 and result["step"] == 12 and [r["step"] for r in records(out)][-2:] == [10, 12]
     assert "allowed config changes epochs 2 -> 3" in capsys.readouterr().err
     assert json.loads((out / "run_config.json").read_text())["epochs"] == 3
@@ -256,7 +256,7 @@ def test_allowed_changes_go_on_from_the_checkpoint_even_after_the_end(tmp_path, 
 def test_an_allowed_lr_change_takes_effect_on_resume(tmp_path):
     out = tmp_path / "run"
     Toy(out).run(stop_after_batches=4)
-    result = Toy(out, lr=0.01, weight_decay=0.1).run(allow_changes=("lr", "weight_decay"))
+    result = Toy(out, lr=0.01, weight_decay=0.1, allow_changes=("lr", "weight_decay")).run()
     assert [r.get("lr") for r in records(out)] == [0.05, None, 0.05, 0.01, 0.01]  # not the checkpoint's 0.05
     assert result["lr"] == 0.01
 
@@ -265,7 +265,7 @@ def test_a_finished_run_without_checkpoints_cannot_be_lengthened(tmp_path):
     out = tmp_path / "run"
     Toy(out, checkpoint_every=0).run()
     with pytest.raises(RunError, match="finished run of 8 optimizer steps; this config asks for 12.*no checkpoint"):
-        Toy(out, checkpoint_every=0, epochs=3).run(allow_changes=("epochs",))
+        Toy(out, checkpoint_every=0, epochs=3, allow_changes=("epochs",)).run()
 
 
 def test_run_files_without_a_saved_config_are_refused(tmp_path):

@@ -201,14 +201,17 @@ def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_can_go_on_with
     config.optim.lr = 0.01
     with pytest.raises(RunError, match="optim.lr: saved 1000.0, new 0.01"):
         Trainer(config, progress=False).run()
-    result = Trainer(config, progress=False).run(allow_changes=("optim.lr",))
+    result = Trainer(config, progress=False, allow_changes=("optim.lr",)).run()
     assert result["epoch"] == 2 and math.isfinite(result["train_loss"])
 
 
-def test_a_finished_run_given_another_backbone_is_refused(tmp_path):
+def test_a_finished_run_given_another_backbone_is_refused_before_it_loads(tmp_path, monkeypatch):
+    import restuning.train.trainer as trainer_module
+
     config = _config(tmp_path, "linear")
     Trainer(config, progress=False).run()
     config.backbone = str(_tiny_vit(tmp_path / "other"))
+    monkeypatch.setattr(trainer_module, "load_backbone", lambda name: pytest.fail("loaded the backbone"))
     with pytest.raises(RunError, match=rf"differs in:\n  backbone: saved '{_tiny_vit(tmp_path)}', new "
                                        rf"'{config.backbone}'\n"):
         Trainer(config, progress=False).run()  # was: the old run's result

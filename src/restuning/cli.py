@@ -90,12 +90,12 @@ def _diffusion_train(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     try:  # setting up: what the config asks of the model and the data is checked here (no training yet)
-        trainer = DiffusionTrainer(config, progress=not args.no_progress)
+        trainer = DiffusionTrainer(config, progress=not args.no_progress, allow_changes=tuple(args.allow_change))
     except (ValueError, OpMatchError, RestuningError) as err:  # also PEFT's and the tuners' errors; RunError
         print(f"diffusion-train: {err}", file=sys.stderr)
         return 2
     try:
-        result = trainer.run(allow_changes=tuple(args.allow_change))
+        result = trainer.run()
     except RestuningError as err:
         print(f"diffusion-train: {err}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2

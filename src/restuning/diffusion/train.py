@@ -145,21 +145,25 @@ def fixed_batch_loss(model: nn.Module, noise_scheduler, batch: dict[str, torch.T
 class DiffusionTrainer(TrainingLoop):
     """One text-to-image run of `config`: `run()` trains and writes `metrics.jsonl` (a record every
     `log_every` `unit`s, optimizer steps by default, the fixed-batch loss every `eval_every`), resumable
-    checkpoints every `checkpoint_every` (`checkpoints/`), and `final/` (`weights/` in the method's format
-    and `train_config.json`)."""
+    checkpoints every `checkpoint_every` (`checkpoints/`), and `final/` (the method's checkpoint, which
+    `restuning.methods.load_model` opens, and `train_config.json`)."""
 
     def __init__(self, config: DiffusionTrainConfig, progress: bool = True,
-                 components: SDComponents | None = None):
+                 components: SDComponents | None = None, allow_changes: tuple[str, ...] = ()):
         o = config.optim
         method = get_method(config.method.name, "diffusion")
+        self.config, self.method = config, method  # before the loop opens the folder: it checks the config
+        self.components = components
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
             schedule="constant", max_steps=o.max_steps, max_grad_norm=o.max_grad_norm, unit=config.unit,
             log_every=config.log_every, eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-            find_unused_parameters=method.trains_backbone), progress)
-        self.config, self.method = config, method
-        self.components = components or load_components(config.model)
+            find_unused_parameters=method.trains_backbone, allow_changes=tuple(allow_changes)), progress)
+
+    def setup(self) -> None:
+        config, method, o = self.config, self.method, self.config.optim
+        self.components = self.components or load_components(config.model)
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(o.mixed_precision)
         if half is not None and not method.trains_backbone:
             self.components.unet.to(dtype=half)  # frozen: stored in half precision, as the VAE and text encoder
@@ -229,4 +233,4 @@ def train_diffusion(config: DiffusionTrainConfig, progress: bool = True, compone
                     allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train `config` and return the final record (fixed-batch loss before and after, trainable params);
     `allow_changes`: see `TrainingLoop.run`."""
-    return DiffusionTrainer(config, progress, components).run(allow_changes=allow_changes)
+    return DiffusionTrainer(config, progress, components, allow_changes).run()

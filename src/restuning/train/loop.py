@@ -2,9 +2,9 @@
 (devices, processes, mixed precision, accumulation), AdamW on the trainable parameters, a learning-rate
 schedule, progress bars, metrics as JSON lines, and checkpoints that resume a killed run exactly.
 
-A kind of run subclasses `TrainingLoop`: it builds `model` and `num_examples` in its `__init__` (after
-`super().__init__`, which made the accelerator) and supplies the loss of a batch, its evaluation and what
-`final/` holds. `restuning.train.trainer.Trainer` (classification) and
+A kind of run subclasses `TrainingLoop`: it sets its config before `super().__init__` (which makes the
+accelerator, opens the run folder and checks the config) and builds `model` and
+`num_examples` in `setup`; it supplies the loss of a batch, its evaluation and what `final/` holds. `restuning.train.trainer.Trainer` (classification) and
 `restuning.diffusion.train.DiffusionTrainer` (text-to-image) are the two. The run folder's files (lock,
 saved config, metrics, checkpoints, `final/`) are `restuning.train.rundir.RunDirectory`'s; when to log,
 evaluate and checkpoint is `restuning.train.cadence.Cadence`'s.
@@ -107,8 +107,9 @@ class TrainingLoop:
     and `step_seconds` (per training batch: forward, backward and, at accumulation boundaries, the optimizer
     step), the evaluation's metrics, and on the last the summary.
 
-    Constructing it opens the run folder (`RunDirectory`): a folder the run cannot use, or one another run
-    holds, is refused before the subclass loads its model and data. The folder stays locked until `run()`
+    Constructing it opens the run folder (`RunDirectory`): a folder the run cannot use, one another run
+    holds, or one of another config, is refused before the subclass loads its model and data (a subclass
+    sets what `run_config()` reads before calling `super().__init__`). The folder stays locked until `run()`
     returns or raises (or `close()`)."""
 
     model: nn.Module
@@ -124,9 +125,21 @@ class TrainingLoop:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), kwargs_handlers=[ddp],
         )
         self.run_dir = RunDirectory(self.out, main=self.accelerator.is_main_process)
-        set_seed(settings.seed)
+        # A folder of another run is refused here, before the subclass loads its model and data (and again
+        # at `run()`, with the changes it allows).
+        try:
+            self.run_dir.check_config(self.run_config(), settings.allow_changes)
+            set_seed(settings.seed)
+            self.setup()
+        except BaseException:  # a run that cannot start leaves the folder unlocked
+            self.close()
+            raise
 
     # --- what each kind of run supplies ------------------------------------------------------------
+    def setup(self) -> None:
+        """Build `model` and `num_examples` (and load what the run reads): called at the end of `__init__`,
+        once the run folder is open and checked."""
+
     def batch_loss(self, model: nn.Module, index: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
         """The scalar loss of the training examples `index` (B,), with `model` the prepared (possibly
         DDP-wrapped) model; runs under `accumulate` and `autocast`."""

@@ -76,17 +76,20 @@ class Trainer(TrainingLoop):
     `output_dir/checkpoints` if there is one), logs, evaluates and checkpoints every `log_every`,
     `eval_every` and `checkpoint_every` `unit`s, and writes `metrics.jsonl` and `final/`."""
 
-    def __init__(self, config: TrainConfig, progress: bool = True):
+    def __init__(self, config: TrainConfig, progress: bool = True, allow_changes: tuple[str, ...] = ()):
         o = config.optim
         method = get_method(config.method.name, "classification")
+        self.config, self.method = config, method  # before the loop opens the folder: it checks the config
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
             schedule="cosine", warmup_epochs=o.warmup_epochs, unit=config.unit, log_every=config.log_every,
             eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
             # Methods that train the backbone's own weights may not reach all of them (DINOv2's mask token).
-            find_unused_parameters=method.trains_backbone), progress)
-        self.config, self.method = config, method
+            find_unused_parameters=method.trains_backbone, allow_changes=tuple(allow_changes)), progress)
+
+    def setup(self) -> None:
+        config, method = self.config, self.method
         check_data_files(config)
         self.backbone = load_backbone(config.backbone)
         # Counted before the method attaches anything (PEFT injects its LoRA weights into the backbone itself).
@@ -176,4 +179,4 @@ def accuracy(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Te
 
 def train(config: TrainConfig, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train `config` and return the last record; `allow_changes`: see `TrainingLoop.run`."""
-    return Trainer(config, progress).run(allow_changes=allow_changes)
+    return Trainer(config, progress, allow_changes).run()
