@@ -3,11 +3,12 @@
 schedule, progress bars, metrics as JSON lines, and checkpoints that resume a killed run exactly.
 
 A kind of run subclasses `TrainingLoop`: it sets its config before `super().__init__` (which makes the
-accelerator, opens the run folder and checks the config) and builds `model` and
-`num_examples` in `setup`; it supplies the loss of a batch, its evaluation and what `final/` holds. `restuning.train.trainer.Trainer` (classification) and
-`restuning.diffusion.train.DiffusionTrainer` (text-to-image) are the two. The run folder's files (lock,
-saved config, metrics, checkpoints, `final/`) are `restuning.train.rundir.RunDirectory`'s; when to log,
-evaluate and checkpoint is `restuning.train.cadence.Cadence`'s.
+accelerator, opens the run folder and checks the config) and builds `model` and `num_examples` in `setup`; it
+supplies the loss of a batch, its evaluation and what `final/` holds. `restuning.train.trainer.Trainer`
+(classification) and `restuning.diffusion.train.DiffusionTrainer` (text-to-image) are the two. The run
+folder's files (lock, saved config, metrics, checkpoints, `final/`) are
+`restuning.train.rundir.RunDirectory`'s; when to log, evaluate and checkpoint is
+`restuning.train.cadence.Cadence`'s.
 """
 
 from __future__ import annotations
