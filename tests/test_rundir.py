@@ -418,3 +418,18 @@ def test_what_a_kill_left_is_tidied_when_the_folder_is_opened(tmp_path):
     RunDirectory(out).release()
     assert leftovers(out) == []
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
+
+
+def test_a_checkpoint_whose_shapes_do_not_fit_is_a_checkpoint_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from restuning import CheckpointError
+
+    out = tmp_path / "run"
+    Toy(out).run(stop_after_batches=3)
+    folder = max((out / "checkpoints").iterdir())
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    tensors["weight"] = torch.zeros(2, 3)  # the model's is (1, 3)
+    save_file(tensors, str(folder / "trainable.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor shapes do not fit.*weight: saved \(2, 3\), expected \(1, 3\)"):
+        Toy(out).run()  # was: a raw RuntimeError from copy_

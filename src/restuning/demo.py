@@ -27,6 +27,8 @@ KEPT = ("train_examples", "trainable_params", "peak_memory_bytes", "seconds")
 
 
 def demo_configs(output_dir: str | Path, quick: bool = False) -> list[TrainConfig]:
+    """The demo's runs, in `output_dir` (the quick ones in `output_dir/quick`, since their configs differ)."""
+    root = Path(output_dir) / "quick" if quick else Path(output_dir)
     configs = []
     for backbone, data in BACKBONES.items():
         if quick:
@@ -35,7 +37,7 @@ def demo_configs(output_dir: str | Path, quick: bool = False) -> list[TrainConfi
             epochs = (2 if quick else 5) * per_unit
             optim = OptimConfig(lr=lr, epochs=epochs, warmup_epochs=0.1 * epochs, batch_size=32)
             configs.append(TrainConfig(backbone=backbone, method=MethodConfig(name=method), data=data, optim=optim,
-                                       output_dir=str(Path(output_dir) / f"{backbone}-{method}"),
+                                       output_dir=str(root / f"{backbone}-{method}"),
                                        eval_every=epochs))  # evaluate once, at the end
     return configs
 
@@ -56,10 +58,14 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, json_pat
     print("-" * len(header))
     for r in rows:
         print(f"{r['backbone']:<18} {r['method']:<10} {r['accuracy']:>8.3f} {r['trainable_params']:>10,d} "
-              f"{r['peak_memory_bytes'] / 2**20:>9,.0f} {r['epochs']:>6} {r['seconds']:>8.1f}")
+              f"{r['peak_memory_bytes'] / 2**20:>9,.0f} {r['epochs']:>6} {_seconds(r['seconds']):>8}")
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"rows": rows}, indent=2))
         print(f"wrote {path}")
     return rows
+
+
+def _seconds(value: float | None) -> str:
+    return "reused" if value is None else f"{value:.1f}"  # None: a run finished earlier, not trained again

@@ -23,11 +23,13 @@ def _run(config: TrainConfig, threads: int | None, queue) -> None:
         trainer = Trainer(config, progress=False)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         backbone = trainer.backbone_params
+        reused = trainer.run_dir.finished  # trained before: its record (with its own peak) is returned as it is
         result = trainer.run()
+        measured = {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "seconds": time.perf_counter() - start}
         queue.put({**result, "trainable_params": trainable, "backbone_params": backbone,
-                   "train_examples": len(trainer.data.train),
-                   "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                   "seconds": time.perf_counter() - start})
+                   "train_examples": len(trainer.data.train), "reused": reused,
+                   **({"seconds": None} if reused else measured)})
     except BaseException as error:  # noqa: BLE001  (reported to the parent, which raises it)
         queue.put({"error": f"{type(error).__name__}: {error}"})
         raise
@@ -36,7 +38,8 @@ def _run(config: TrainConfig, threads: int | None, queue) -> None:
 def run_isolated(config: TrainConfig, threads: int | None = None) -> dict[str, Any]:
     """`Trainer(config).run()` in a spawned process (with `threads` torch threads, if given).
 
-    Returns its final record plus `trainable_params`, `backbone_params`, `train_examples`,
+    Returns its final record plus `trainable_params`, `backbone_params`, `train_examples`, `reused` (the run
+    had finished before: its record's peak is the original run's, and `seconds` is None),
     `peak_memory_bytes` (the process's resident peak: model, data, activations, optimizer and any
     feature cache) and `seconds` (wall time, loading included)."""
     context = mp.get_context("spawn")

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import check_tensors
 from ..errors import CheckpointError, ConfigError, RunError, TrainingError
 from .cadence import UNITS, Cadence, Due
 from .rundir import CHECKPOINTS, FINAL, METRICS, RunDirectory
@@ -413,9 +414,7 @@ class TrainingLoop:
             raise CheckpointError(f"{directory}: a checkpoint from an older restuning (no {missing}); start this "
                                   f"run in a new output_dir")
         params = dict(self.unwrapped.named_parameters())
-        mismatch = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
-        if mismatch:
-            raise CheckpointError(f"{directory}: the checkpoint does not fit this run's method ({mismatch[:4]} ...)")
+        check_tensors(tensors, {n: p for n, p in params.items() if p.requires_grad}, directory)  # names, shapes
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
