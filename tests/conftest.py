@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,14 @@ CASES = {
         ModelCase("clip_vision", _clip_vision, _pixels),
     )
 }
+
+
+def tiny_vit_folder(root: str | Path) -> Path:
+    """The tiny ViT of CASES saved as a model folder under `root` (once), for run configs' `backbone`."""
+    folder = Path(root) / "tiny-vit"
+    if not folder.exists():
+        CASES["vit"].model().save_pretrained(folder)
+    return folder
 
 
 def train_steps(model: torch.nn.Module, inputs: dict, target: torch.Tensor, loss=torch.nn.functional.cross_entropy,

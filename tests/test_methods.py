@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES
+from conftest import CASES, tiny_vit_folder
 from torch import nn
 
 from restuning import CheckpointError, ConfigError, DataError, ResTuningBypassModel, ResTuningModel
@@ -21,16 +21,9 @@ from restuning.train.predict import predict
 from restuning.train.trainer import Trainer
 
 
-def _tiny_vit(root: Path) -> Path:
-    folder = root / "tiny-vit"
-    if not folder.exists():
-        CASES["vit"].model().save_pretrained(folder)
-    return folder
-
-
 def _run(root: Path, method: str, name: str | None = None, **extra) -> Path:
     config = from_dict(TrainConfig, {
-        "backbone": str(_tiny_vit(root)), "method": {"name": method, "config": extra.pop("options", {})},
+        "backbone": str(tiny_vit_folder(root)), "method": {"name": method, "config": extra.pop("options", {})},
         "data": {"name": "mnist", "train_size": 64, "test_size": 48, "image_size": 16, **extra.pop("data", {})},
         "optim": {"epochs": 1, "batch_size": 16, "lr": 0.01, "warmup_epochs": 0.0},
         "output_dir": str(root / (name or method)), **extra})
@@ -40,9 +33,9 @@ def _run(root: Path, method: str, name: str | None = None, **extra) -> Path:
 
 def test_a_restuning_run_opens_with_res_tuning_model_from_pretrained(tmp_path):
     run = _run(tmp_path, "restuning")
-    backbone = load_backbone(str(_tiny_vit(tmp_path))).model
+    backbone = load_backbone(str(tiny_vit_folder(tmp_path))).model
     tuned = ResTuningModel.from_pretrained(backbone, run / "final")
-    rebuilt = load_model(load_backbone(str(_tiny_vit(tmp_path))).model, run / "final")
+    rebuilt = load_model(load_backbone(str(tiny_vit_folder(tmp_path))).model, run / "final")
     assert isinstance(rebuilt, LastLayerClassifier)
     for key, value in tuned.tuner_state_dict().items():
         assert torch.equal(value, rebuilt.runner.tuner_state_dict()[key])
@@ -52,13 +45,13 @@ def test_a_restuning_run_opens_with_res_tuning_model_from_pretrained(tmp_path):
 
 def test_a_preset_run_is_a_restuning_checkpoint(tmp_path):
     run = _run(tmp_path, "lora")
-    tuned = ResTuningModel.from_pretrained(load_backbone(str(_tiny_vit(tmp_path))).model, run / "final")
+    tuned = ResTuningModel.from_pretrained(load_backbone(str(tiny_vit_folder(tmp_path))).model, run / "final")
     assert {t.name for t in tuned.tuners.values()} == {"lora"}
 
 
 def test_a_bypass_run_opens_with_its_from_pretrained(tmp_path):
     run = _run(tmp_path, "bypass")
-    model = ResTuningBypassModel.from_pretrained(load_backbone(str(_tiny_vit(tmp_path))).model, run / "final")
+    model = ResTuningBypassModel.from_pretrained(load_backbone(str(tiny_vit_folder(tmp_path))).model, run / "final")
     assert model.bypass_config.num_classes == 10
 
 
@@ -114,7 +107,7 @@ def test_predict_answers_runs_of_every_kind_in_batches(tmp_path, monkeypatch):
     answers = predict(runs, images=images, image_size=16, batch_size=3)
     assert set(sizes) == {3, 1}  # streamed: never more than a batch encoded at once
     for run in runs:  # each run alone, on all inputs at once, gives the same classes
-        backbone = load_backbone(str(_tiny_vit(tmp_path)))
+        backbone = load_backbone(str(tiny_vit_folder(tmp_path)))
         model = load_model(backbone.model, run / "final")
         data = LabelledData(images, torch.zeros(7, dtype=torch.long), ["?"])
         with torch.no_grad():

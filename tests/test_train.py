@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES
+from conftest import CASES, tiny_vit_folder
 from safetensors.torch import load_file
 
 from restuning import CheckpointError, ConfigError, DataError, RunError, TrainingError
@@ -65,7 +65,7 @@ def test_bad_configs_stop_before_any_work(tmp_path, text, message):
 
 def test_an_unknown_tuner_is_a_clear_error_when_the_config_loads(tmp_path):
     with pytest.raises(ConfigError, match="method.config.mha: unknown tuner 'no_such_tuner'"):
-        from_dict(TrainConfig, {"backbone": str(_tiny_vit(tmp_path)), "method": {"name": "restuning",
+        from_dict(TrainConfig, {"backbone": str(tiny_vit_folder(tmp_path)), "method": {"name": "restuning",
                   "config": {"mha": "no_such_tuner"}}, "data": {"name": "mnist", "image_size": 16}})
 
 
@@ -114,16 +114,9 @@ def test_labelled_data_checks_lengths():
 
 
 # --- the loop ----------------------------------------------------------------------------------
-def _tiny_vit(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny-vit"
-    if not folder.exists():
-        CASES["vit"].model().save_pretrained(folder)
-    return folder
-
-
 def _config(tmp_path: Path, method: str, top: dict | None = None, **optim) -> TrainConfig:
     return from_dict(TrainConfig, {
-        "backbone": str(_tiny_vit(tmp_path)), "method": {"name": method},
+        "backbone": str(tiny_vit_folder(tmp_path)), "method": {"name": method},
         "data": {"name": "mnist", "train_size": 96, "test_size": 64, "image_size": 16},
         "optim": {"epochs": 2, "batch_size": 16, "lr": 0.01, "warmup_epochs": 0.5, **optim},
         "output_dir": str(tmp_path / f"run-{method}"), **(top or {}),
@@ -210,9 +203,9 @@ def test_a_finished_run_given_another_backbone_is_refused_before_it_loads(tmp_pa
 
     config = _config(tmp_path, "linear")
     Trainer(config, progress=False).run()
-    config.backbone = str(_tiny_vit(tmp_path / "other"))
+    config.backbone = str(tiny_vit_folder(tmp_path / "other"))
     monkeypatch.setattr(trainer_module, "load_backbone", lambda name: pytest.fail("loaded the backbone"))
-    with pytest.raises(RunError, match=rf"differs in:\n  backbone: saved '{_tiny_vit(tmp_path)}', new "
+    with pytest.raises(RunError, match=rf"differs in:\n  backbone: saved '{tiny_vit_folder(tmp_path)}', new "
                                        rf"'{config.backbone}'\n"):
         Trainer(config, progress=False).run()  # was: the old run's result
 
@@ -323,13 +316,13 @@ def test_predict_serves_several_runs_and_plot_draws_them(tmp_path):
     runs = []
     for seed in (0, 1):
         config = _config(tmp_path / f"s{seed}", "bypass")
-        config.seed, config.backbone = seed, str(_tiny_vit(tmp_path))  # one backbone for both tasks
+        config.seed, config.backbone = seed, str(tiny_vit_folder(tmp_path))  # one backbone for both tasks
         Trainer(config, progress=False).run()
         runs.append(Path(config.output_dir))
     images = mnist5k().inputs[:6]
     answers = predict(runs, images=images, image_size=16)
     for run in runs:
-        backbone = load_backbone(str(_tiny_vit(tmp_path)))
+        backbone = load_backbone(str(tiny_vit_folder(tmp_path)))
         alone = ResTuningBypassModel.from_pretrained(backbone.model, run / "final")
         data = LabelledData(images, torch.zeros(6, dtype=torch.long), ["?"])
         expected = alone(**backbone.encode(data, 16, 32)).argmax(-1).tolist()
