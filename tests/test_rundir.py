@@ -433,3 +433,11 @@ def test_a_checkpoint_whose_shapes_do_not_fit_is_a_checkpoint_error(tmp_path):
     save_file(tensors, str(folder / "trainable.safetensors"))
     with pytest.raises(CheckpointError, match=r"tensor shapes do not fit.*weight: saved \(2, 3\), expected \(1, 3\)"):
         Toy(out).run()  # was: a raw RuntimeError from copy_
+
+
+def test_options_added_to_an_empty_mapping_differ_in_those_keys_alone():
+    from restuning.train.rundir import MISSING, config_differences
+
+    saved = {"method": {"name": "restuning", "config": {}}}
+    assert config_differences(saved, {"method": {"name": "restuning", "config": {"dim": 4}}}) == {
+        "method.config.dim": (MISSING, 4)}  # was also "method.config": ({}, MISSING), which no flag could allow

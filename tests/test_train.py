@@ -49,6 +49,15 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("method: {name: bypass, config: {num_classes: 3}}", "method.config.num_classes: set from the data"),
     ("method: {name: linear, config: {dim: 3}}", "linear takes no options"),
     ("optim: {lr: .inf}", "optim.lr: expected a finite number"),
+    ("method: {name: peft_lora, config: {r: -3}}", "method.config.r: expected a positive integer"),
+    ("method: {name: peft_lora, config: {lora_dropout: .nan}}", "method.config.lora_dropout: expected a finite"),
+    ("method: {name: restuning, config: {mha: {name: res_adapter, options: {act: bogus}}}}",
+     r"method.config.mha.options.act: tuner 'res_adapter' takes one of \['gelu'"),
+    ("method: {name: restuning, config: {mha: {name: res_adapter, options: {scale: .nan}}}}",
+     "method.config.mha.options.scale: expected a finite number"),
+    ("method: {name: prefix, config: {mha: {name: res_prefix, options: {mode: nonsense}}}}",
+     r"mha.options.mode: tuner 'res_prefix' takes one of \['gated', 'exact'\]"),
+    ("optim: {max_grad_norm: 0}", "optim.max_grad_norm: expected a number above 0"),
     ("optim: {lr: 0}", "optim.lr: expected a number above 0"),
     ("optim: {weight_decay: -0.1}", "optim.weight_decay: expected at least 0"),
     ("optim: {mixed_precision: fp8}", r"optim.mixed_precision: expected one of \['no', 'bf16', 'fp16'\]"),
@@ -67,6 +76,11 @@ def test_an_unknown_tuner_is_a_clear_error_when_the_config_loads(tmp_path):
     with pytest.raises(ConfigError, match="method.config.mha: unknown tuner 'no_such_tuner'"):
         from_dict(TrainConfig, {"backbone": str(tiny_vit_folder(tmp_path)), "method": {"name": "restuning",
                   "config": {"mha": "no_such_tuner"}}, "data": {"name": "mnist", "image_size": 16}})
+
+
+def test_yaml_numbers_without_a_dot_are_floats_where_a_float_is_expected(tmp_path):
+    config = load_config(_write(tmp_path, "optim: {lr: 1e-3, max_grad_norm: 1}"))  # PyYAML reads 1e-3 as text
+    assert config.optim.lr == 0.001 and config.optim.max_grad_norm == 1.0
 
 
 def test_overrides_and_examples_load():

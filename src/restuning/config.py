@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 from .errors import ConfigError
 
 OP_KINDS = ("mha", "ffn", "block", "xattn")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, gt: float | None = None,
@@ -144,6 +146,8 @@ def check_value(hint: Any, value: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 (PyYAML) reads `1e-3`, without a dot, as a string
     if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {_name(hint)}, got {type(value).__name__} {value!r:.80}")
     if isinstance(value, float) and not math.isfinite(value):

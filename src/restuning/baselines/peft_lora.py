@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -25,6 +26,22 @@ def check_options(options: dict[str, Any], num_classes: int | None = None) -> di
     unknown = set(options) - set(LoraConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"method.config: unknown peft LoraConfig field(s) {sorted(unknown)}")
+    for key, value in options.items():  # PEFT itself checks late (when the model is built) or not at all
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"method.config.{key}: expected a finite number, got {value!r}")
+    r = options.get("r", DEFAULTS["r"])
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ConfigError(f"method.config.r: expected a positive integer (the LoRA rank), got {r!r}")
+    alpha = options.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise ConfigError(f"method.config.lora_alpha: expected a positive number, got {alpha!r}")
+    dropout = options.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ConfigError(f"method.config.lora_dropout: expected a number in [0, 1), got {dropout!r}")
+    try:
+        LoraConfig(**{**DEFAULTS, **options, "target_modules": options.get("target_modules", ["query"])})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method.config: peft's LoraConfig refuses these options ({err})") from err
     return options
 
 
@@ -41,7 +58,10 @@ def peft_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     config = {**DEFAULTS, **options}
     config.setdefault("lora_alpha", config["r"])  # PEFT's own default (8) would scale a rank-r update by 8/r
     config.setdefault("target_modules", attention_projections(model))
-    return get_peft_model(model, LoraConfig(**config))
+    try:
+        return get_peft_model(model, LoraConfig(**config))
+    except (TypeError, ValueError) as err:  # PEFT checks some options only here
+        raise ConfigError(f"method.config: peft refuses these LoRA options ({err})") from err
 
 
 def build(backbone: nn.Module, options: dict[str, Any], num_classes: int | None) -> nn.Module:

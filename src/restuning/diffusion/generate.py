@@ -124,6 +124,7 @@ def load_multitask(run_dirs: Sequence[str | Path]) -> tuple[SDComponents, nn.Mod
     """Bypass runs trained on one base model -> (components, a UNet multi-task bypass, task names): one UNet
     forward serves all of them. Tasks are named `task0, task1, ...` in the order given."""
     from ..config import from_dict
+    from ..methods import get_method
     from .bypass import UNetMultiTaskBypass
     from .train_config import DiffusionTrainConfig
 
@@ -133,9 +134,10 @@ def load_multitask(run_dirs: Sequence[str | Path]) -> tuple[SDComponents, nn.Mod
         if not path.is_file():
             raise ConfigError(f"{run}: not a finished diffusion run (no {FINAL}/{RUN_CONFIG})")
         configs.append(from_dict(DiffusionTrainConfig, json.loads(path.read_text())))
-    not_bypass = [str(r) for r, c in zip(run_dirs, configs) if c.method.name != "bypass"]
+    not_bypass = [str(r) for r, c in zip(run_dirs, configs) if not get_method(c.method.name).multi_task]
     if not_bypass:
-        raise ConfigError(f"multi-task generation needs bypass runs; these are not: {not_bypass}")
+        raise ConfigError(f"multi-task generation needs runs of a multi-task method (bypass); these are not: "
+                          f"{not_bypass}")
     models = {c.model for c in configs}
     if len(models) != 1:
         raise ConfigError(f"multi-task generation needs runs on one base model, got {sorted(models)}")

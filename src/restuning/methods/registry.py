@@ -35,6 +35,8 @@ class Method:
         tasks: the run kinds it serves (`classification`, `diffusion`).
         reads_frozen_backbone: it never back-propagates into the backbone (a `FrozenBackbone` model), so it
             can train from the feature cache and one backbone forward can serve many of its runs.
+        multi_task: its runs on one backbone join one multi-task model that answers them all from a single
+            backbone forward (`MultiTaskBypass`), at prediction and generation.
         trains_backbone: it trains the backbone's own parameters (full fine-tuning, BitFit), some of which the
             loss may not reach (DDP's find_unused_parameters).
         defaults: per task, option values merged under the user's (e.g. PEFT LoRA's targets in a UNet).
@@ -50,6 +52,7 @@ class Method:
     options: type[ConfigBase] | None = None
     tasks: tuple[str, ...] = ("classification",)
     reads_frozen_backbone: bool = False
+    multi_task: bool = False
     trains_backbone: bool = False
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     parse: Callable[[dict[str, Any], int | None], Any] | None = None

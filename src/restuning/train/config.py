@@ -51,7 +51,8 @@ class DataConfig(ConfigBase):
 @dataclass
 class OptimConfig(ConfigBase):
     """AdamW at `lr` with `weight_decay`, a linear warm-up over `warmup_epochs` then cosine decay;
-    `grad_accum` batches per optimizer step; `mixed_precision`: no | bf16 | fp16 (autocast)."""
+    `grad_accum` batches per optimizer step; `mixed_precision`: no | bf16 | fp16 (autocast); `max_grad_norm`
+    clips the gradients' total norm (None: no clipping)."""
 
     lr: float = option(1e-3, gt=0)
     weight_decay: float = option(0.05, ge=0)
@@ -60,6 +61,7 @@ class OptimConfig(ConfigBase):
     batch_size: int = option(32, ge=1)
     grad_accum: int = option(1, ge=1)
     mixed_precision: str = option("no", choices=PRECISIONS)
+    max_grad_norm: float | None = option(None, gt=0)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..checkpoint import recover_dir
 from ..config import from_dict
 from ..errors import CheckpointError
 from ..methods import load_model
@@ -33,6 +34,7 @@ def open_run(run: str | Path) -> FinishedRun:
     """The finished run in folder `run`; CheckpointError when it is not one."""
     run = Path(run)
     final = run / FINAL
+    recover_dir(final)  # a kill mid-swap of final/ leaves it as .final.old: put it back
     for name in (RUN_CONFIG, CLASSES):
         if not (final / name).is_file():
             raise CheckpointError(f"{run}: not a finished run (no {FINAL}/{name}); train it with restuning train")

@@ -1,8 +1,8 @@
 """`restuning predict`: class names from several finished runs for the same inputs, streamed in batches.
 
-Runs whose method reads a frozen backbone (the bypass, Side-Tuning, LST) on one backbone share a single
-backbone forward per batch (`MultiTaskBypass` for bypass runs); runs of other methods (Res-Tuning, LoRA,
-full fine-tuning, ...) each run their own tuned backbone.
+Runs of a multi-task method (the bypass) on one backbone share a single backbone forward per batch
+(`MultiTaskBypass`); runs of other methods (Res-Tuning, LoRA, full fine-tuning, Side-Tuning, LST, ...) each
+run their own backbone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..data import LabelledData
 from ..data.sources import load_image
 from ..data.transforms import resize
 from ..errors import ConfigError
+from ..methods import get_method
 from .finished import FinishedRun, open_backbone, open_run
 from .trainer import FINAL
 
@@ -60,7 +61,7 @@ def _answer(runs: list[FinishedRun], inputs, are_texts: bool, image_size: int | 
     size = image_size or runs[0].config.data.image_size
     length = max_length or runs[0].config.data.max_length
     backbone = open_backbone(runs[0])
-    shared = [r for r in runs if r.config.method.name == "bypass"]
+    shared = [r for r in runs if get_method(r.config.method.name).multi_task]
     own = [r for r in runs if r not in shared]
     models = []
     if shared:  # one backbone forward for all of them

@@ -327,7 +327,7 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty mapping adds no key: {} -> {dim: 4} differs in `dim` alone
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

@@ -83,8 +83,8 @@ class Trainer(TrainingLoop):
         super().__init__(LoopSettings(
             output_dir=config.output_dir, seed=config.seed, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
             weight_decay=o.weight_decay, grad_accum=o.grad_accum, mixed_precision=o.mixed_precision,
-            schedule="cosine", warmup_epochs=o.warmup_epochs, unit=config.unit, log_every=config.log_every,
-            eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+            schedule="cosine", warmup_epochs=o.warmup_epochs, max_grad_norm=o.max_grad_norm, unit=config.unit,
+            log_every=config.log_every, eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
             # Methods that train the backbone's own weights may not reach all of them (DINOv2's mask token).
             find_unused_parameters=method.trains_backbone, allow_changes=tuple(allow_changes)), progress)
 

@@ -20,6 +20,8 @@ class ResAdapter(ResTuner):
         parallel form of a serial Houlsby adapter placed after the op, paper eq. 6).
     """
 
+    option_choices = {"act": tuple(_ACTIVATIONS), "reads": ("input", "output")}
+
     def __init__(self, ctx: OpContext, dim: int, act: str = "gelu", scale: float = 1.0, reads: str = "input"):
         super().__init__()
         if act not in _ACTIVATIONS:

@@ -9,8 +9,9 @@ per-head context before the frozen output projection.
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -51,6 +52,8 @@ class ResTuner(nn.Module):
     # True when the delta at each position depends on that position's x and y alone (no mixing across
     # tokens). All built-in tuners are; the bypass uses it to run on the CLS token only when exact.
     position_wise: ClassVar[bool] = True
+    # Option -> its allowed values, checked with the config (option types come from `__init__`'s hints).
+    option_choices: ClassVar[dict[str, tuple]] = {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: op input (..., in_features); y: op output (..., out_features). Returns a delta like y."""
@@ -104,6 +107,14 @@ def check_spec(spec: TunerSpec, where: str = "") -> None:
     unknown = set(spec.options) - set(accepted)
     if unknown:
         raise ConfigError(f"{where}tuner {spec.name!r} has no option(s) {sorted(unknown)}; accepted: {accepted}")
+    from ..config import check_value  # the typed reader: types, and no NaN or infinity
+
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in spec.options.items():
+        value = check_value(hints.get(key, Any), value, f"{where}options.{key}")
+        allowed = cls.option_choices.get(key)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{where}options.{key}: tuner {spec.name!r} takes one of {list(allowed)}, got {value!r}")
 
 
 def build_tuner(spec: TunerSpec, ctx: OpContext, default_dim: int, where: str = "") -> ResTuner:

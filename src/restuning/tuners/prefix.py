@@ -21,6 +21,8 @@ MODES = ("gated", "exact")
 class _PrefixLike(AttentionTuner):
     """Shared machinery of Res-Prefix and Res-Prompt: subclasses say where K and V come from."""
 
+    option_choices = {"mode": MODES}
+
     def __init__(self, ctx: OpContext, dim: int, mode: str):
         super().__init__()
         if mode not in MODES:
