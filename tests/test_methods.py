@@ -11,7 +11,7 @@ import torch
 from conftest import CASES, tiny_vit_folder
 from torch import nn
 
-from restuning import CheckpointError, ConfigError, DataError, ResTuningBypassModel, ResTuningModel
+from restuning import CheckpointError, ConfigError, DataError, ResTuningBypassModel, ResTuningConfig, ResTuningModel
 from restuning.data import LabelledData, mnist5k
 from restuning.methods import METHODS, LastLayerClassifier, Method, load_model, register_method
 from restuning.train.backbones import load_backbone
@@ -144,3 +144,15 @@ def test_a_new_method_is_one_registration(tmp_path):
             _run(tmp_path, "mean_pool", "other", options={"dim": 3})
     finally:
         METHODS.pop("mean_pool")
+
+
+def test_from_pretrained_refuses_a_model_that_already_carries_tuners(tmp_path):
+    backbone = CASES["vit"].model()
+    tuned = ResTuningModel(backbone, ResTuningConfig())
+    tuned.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="already carries Res-Tuning tuners; call unload"):
+        ResTuningModel.from_pretrained(backbone, tmp_path / "ckpt")  # would attach a second set
+    with pytest.raises(CheckpointError, match="already carries"):
+        ResTuningModel.from_pretrained(tuned, tmp_path / "ckpt")
+    restored = ResTuningModel.from_pretrained(tuned.unload(), tmp_path / "ckpt")
+    assert len(restored.tuners) == len(tuned.tuners)

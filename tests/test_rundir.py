@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-import restuning.train.loop as loop_module
 import restuning.train.rundir as rundir_module
-from restuning import ConfigError, RunError, TrainingError
+from restuning import ConfigError, RunError, TrainingError, checkpoint
 from restuning.train.loop import LoopSettings, TrainingLoop
 from restuning.train.rundir import RunDirectory
 
@@ -53,6 +52,9 @@ class Toy(TrainingLoop):
             loss = loss * float("nan")
         return loss
 
+    def write_final(self, directory):
+        checkpoint.save(directory, self.trainable(), {"method": "toy"})
+
     def evaluate(self):
         with torch.no_grad():
             return {"eval_loss": F.mse_loss(self.unwrapped(self.x).squeeze(-1), self.y).item()}
@@ -79,7 +81,7 @@ def _no_constants(token: str):
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "final" / "trainable.safetensors"))
+    return load_file(str(out / "final" / checkpoint.WEIGHTS_NAME))
 
 
 def leftovers(out: Path) -> list[str]:
@@ -113,7 +115,7 @@ class Killed(BaseException):
 
 
 FILE_OPERATIONS = [(os, "replace"), (os, "rename"), (os, "mkdir"), (os, "unlink"), (os, "rmdir"), (os, "fsync"),
-                   (shutil, "rmtree"), (torch, "save"), (rundir_module, "save_file"), (loop_module, "save_file"),
+                   (shutil, "rmtree"), (torch, "save"), (rundir_module, "save_file"), (checkpoint, "save_file"),
                    (RunDirectory, "append_record")]
 
 
@@ -402,7 +404,7 @@ def test_folders_and_files_follow_the_umask(tmp_path):
         os.umask(previous)
     for folder in (out, out / "checkpoints", out / "checkpoints" / "step-00000008", out / "final"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
-    for file in (out / "metrics.jsonl", out / "run_config.json", out / "final" / "trainable.safetensors",
+    for file in (out / "metrics.jsonl", out / "run_config.json", out / "final" / checkpoint.WEIGHTS_NAME,
                  out / "checkpoints" / "step-00000008" / "state.pt"):
         assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
 

@@ -89,10 +89,15 @@ def clean_temporaries(target: Path, min_age: float = 0.0) -> None:
                 continue
         except FileNotFoundError:
             continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove(path)
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link or a whole folder, whichever `path` is."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def make_temporary_dir(target: Path, kind: str) -> Path:

@@ -10,7 +10,7 @@ from ..data import LabelledData
 from ..data.shipped import SHIPPED
 from ..data.sources import image_folder, text_table
 from ..errors import ConfigError, DataError
-from .finished import FinishedRun, open_backbone, open_run
+from .finished import FinishedRun, open_run
 from .trainer import accuracy, load_data
 
 
@@ -19,7 +19,7 @@ def evaluate_run(run: str | Path, data: str | None = None) -> dict[str, float]:
     on `data`: a shipped set's name, a CSV/JSONL table of texts or a folder of images per class. The data's
     classes must be the run's (or some of them)."""
     finished = open_run(run)
-    backbone = open_backbone(finished)
+    backbone = finished.backbone()
     model = finished.model(backbone)
     config = finished.config
     if data is None:

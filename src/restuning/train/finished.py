@@ -25,6 +25,10 @@ class FinishedRun:
     config: TrainConfig
     classes: list[str]
 
+    def backbone(self) -> Backbone:
+        """A fresh copy of the run's backbone, with its input recipe."""
+        return load_backbone(self.config.backbone)
+
     def model(self, backbone: Backbone) -> nn.Module:
         """The trained model on `backbone` (which it changes: tuners attach to it), frozen, in eval mode."""
         return load_model(backbone.model, self.path / FINAL).eval()
@@ -44,7 +48,3 @@ def open_run(run: str | Path) -> FinishedRun:
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{final}: the run's saved config cannot be read ({err})") from err
     return FinishedRun(run, config, classes)
-
-
-def open_backbone(run: FinishedRun) -> Backbone:
-    return load_backbone(run.config.backbone)

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,9 +33,8 @@ from ..errors import CheckpointError, ConfigError, RunError, TrainingError
 from .cadence import UNITS, Cadence, Due
 from .rundir import CHECKPOINTS, FINAL, METRICS, RunDirectory
 
-CHECKPOINT = CHECKPOINTS  # the former name, kept for importers
 SCHEDULES = ("cosine", "constant")
-__all__ = ["CHECKPOINT", "CHECKPOINTS", "FINAL", "METRICS", "UNITS", "LoopSettings", "Position", "TrainingLoop"]
+__all__ = ["CHECKPOINTS", "FINAL", "METRICS", "UNITS", "LoopSettings", "Position", "TrainingLoop"]
 
 
 @dataclass
@@ -155,8 +153,9 @@ class TrainingLoop:
         return {"trainable_params": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)}
 
     def write_final(self, directory: Path) -> None:
-        """Fill `final/` (written to a temporary folder, then renamed)."""
-        save_file(self.trainable(), str(directory / "trainable.safetensors"))
+        """Fill `final/` (a temporary folder, swapped in whole) with the run's model in the library's one
+        checkpoint format (`restuning.methods.save_model`) and whatever else the run kind keeps."""
+        raise NotImplementedError
 
     def on_train_start(self) -> None:
         """Called after `prepare`, before the first batch of this process (fresh or resumed)."""

@@ -18,7 +18,7 @@ from ..data.sources import load_image
 from ..data.transforms import resize
 from ..errors import ConfigError
 from ..methods import get_method
-from .finished import FinishedRun, open_backbone, open_run
+from .finished import FinishedRun, open_run
 from .trainer import FINAL
 
 
@@ -60,15 +60,15 @@ def _answer(runs: list[FinishedRun], inputs, are_texts: bool, image_size: int | 
                           "(image_size, max_length); pass image_size/max_length, or predict with them apart")
     size = image_size or runs[0].config.data.image_size
     length = max_length or runs[0].config.data.max_length
-    backbone = open_backbone(runs[0])
+    backbone = runs[0].backbone()  # encodes the inputs, and serves the multi-task runs or the first other one
     shared = [r for r in runs if get_method(r.config.method.name).multi_task]
     own = [r for r in runs if r not in shared]
     models = []
     if shared:  # one backbone forward for all of them
         multi = MultiTaskBypass(backbone.model, {f"task{i}": r.path / FINAL for i, r in enumerate(shared)}).eval()
         models.append(("shared", multi))
-    for run in own:  # a tuned backbone of its own (a fresh copy: tuners attach to it)
-        models.append((run, run.model(open_backbone(run))))
+    for i, run in enumerate(own):  # a tuned backbone of its own (a fresh copy: tuners attach to it)
+        models.append((run, run.model(backbone if i == 0 and not shared else run.backbone())))
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         if not are_texts and not isinstance(chunk, torch.Tensor):

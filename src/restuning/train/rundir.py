@@ -42,6 +42,7 @@ from ..checkpoint import (
     fsync_tree,
     make_temporary_dir,
     recover_dir,
+    remove,
 )
 from ..errors import CheckpointError, ConfigError, RunError
 
@@ -160,7 +161,7 @@ class RunDirectory:
         if checkpoints.is_dir():
             for entry in checkpoints.iterdir():
                 if entry.name.startswith("."):  # a checkpoint being written, or one being deleted
-                    _remove(entry)
+                    remove(entry)
 
     # --- the run's config --------------------------------------------------------------------------
     def saved_config(self) -> dict[str, Any] | None:
@@ -350,13 +351,6 @@ def _unit_of(line: str, key: str) -> float:
         return json.loads(line)[key]
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _writable(path: Path) -> bool:

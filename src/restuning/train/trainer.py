@@ -23,13 +23,13 @@ from ..errors import ConfigError
 from ..methods import get_method, save_model
 from .backbones import Backbone, load_backbone
 from .config import TrainConfig, check_data_files
-from .loop import CHECKPOINT, FINAL, METRICS, LoopSettings, TrainingLoop
+from .loop import CHECKPOINTS, FINAL, METRICS, LoopSettings, TrainingLoop
 
 RUN_CONFIG = "train_config.json"  # in final/, beside the checkpoint
 CLASSES = "classes.json"
 
 __all__ = [
-    "accuracy", "CHECKPOINT", "CLASSES", "FINAL", "load_data", "METRICS", "RUN_CONFIG", "RunData", "train", "Trainer",
+    "accuracy", "CHECKPOINTS", "CLASSES", "FINAL", "load_data", "METRICS", "RUN_CONFIG", "RunData", "train", "Trainer",
 ]
 
 
