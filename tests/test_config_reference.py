@@ -60,8 +60,12 @@ def test_a_field_without_a_meaning_is_reported(monkeypatch):
         unsaid: int = 2
 
     monkeypatch.setattr(config_reference, "RUN_CONFIGS", (("Bare", Bare, "nothing"),))
+    from restuning.tuners import ResAdapter
+
+    monkeypatch.setattr(ResAdapter, "option_help", {"dim": "bottleneck width"})
     missing = fields_without_help()
     assert "Bare.unsaid" in missing and "Bare.said" not in missing
+    assert "res_adapter.options.act" in missing and "res_adapter.dim" not in missing
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, DiffusionTrainConfig])
@@ -94,7 +98,8 @@ def test_every_method_and_its_options_are_listed():
     assert "method.config.num_classes" not in text
     assert "    method.config.pooling: str = \"auto\"  (one of \"auto\", \"cls\", \"mean\", \"avg\")" in text
     # the tuners' own options come from their signatures and option_choices
-    assert '    mode: str = "gated"  (one of "gated", "exact")' in text and '    act: str = "gelu"' in text
+    assert '    options.mode: str = "gated"  (one of "gated", "exact")' in text
+    assert '    options.act: str = "gelu"  (one of "gelu", "relu", "silu", "identity")' in text
 
 
 def test_cli_config_prints_the_reference_and_one_method(capsys):

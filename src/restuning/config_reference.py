@@ -63,9 +63,11 @@ def keys(cls: type[ConfigBase], prefix: str = "", skip: tuple[str, ...] = ()) ->
 
 
 def fields_without_help() -> list[str]:
-    """`Class.field` of every documented config field that has no `option(help=...)`."""
-    return [f"{cls.__name__}.{f.name}" for cls in documented_classes() for f in dataclasses.fields(cls)
-            if not f.metadata.get("help")]
+    """`Class.field` of every documented config field without an `option(help=...)`, and `tuner.option` of every
+    tuner option (and `dim`) without an entry in its `option_help`."""
+    fields = [f"{cls.__name__}.{f.name}" for cls in documented_classes() for f in dataclasses.fields(cls)
+              if not f.metadata.get("help")]
+    return fields + [f"{name}.{k.name}" for name in sorted(TUNERS) for k in _tuner_keys(name) if not k.help]
 
 
 def documented_classes() -> list[type[ConfigBase]]:
@@ -136,17 +138,25 @@ def _bounds(meta: typing.Mapping[str, Any], each: bool = False) -> str:
 
 
 def _tuner_keys(name: str) -> list[Key]:
+    """What `TunerSpec.dim` means to tuner `name`, then its options (the keys of `TunerSpec.options`)."""
     cls = TUNERS[name]
     hints = typing.get_type_hints(cls.__init__)
-    out = []
+    out = [Key("dim", "int", "the config's dim", ">= 1", cls.option_help.get("dim", ""))]
     for param in list(inspect.signature(cls.__init__).parameters.values()):
         if param.name in ("self", "ctx", "dim"):
             continue
         default = "required" if param.default is inspect.Parameter.empty else _value(param.default)
         choices = cls.option_choices.get(param.name)
-        out.append(Key(param.name, type_name(hints.get(param.name, Any)), default,
-                       "one of " + ", ".join(_value(c) for c in choices) if choices else "", ""))
+        out.append(Key(f"options.{param.name}", type_name(hints.get(param.name, Any)), default,
+                       "one of " + ", ".join(_value(c) for c in choices) if choices else "",
+                       cls.option_help.get(param.name, "")))
     return out
+
+
+def _tuner_doc(name: str) -> str:
+    """The first paragraph of the tuner's module docstring (what it computes)."""
+    module = inspect.getmodule(TUNERS[name])
+    return " ".join((inspect.getdoc(module) or _doc(TUNERS[name])).split("\n\n", 1)[0].split())
 
 
 def _doc(obj: Any) -> str:
@@ -204,10 +214,11 @@ def _text(method: str | None) -> str:
         lines += [f"      {fact}" for fact in facts]
         lines += _text_keys(option_keys, "    ")
     lines += ["", "Tuner spec (TunerSpec: a tuner name alone, or a mapping of these keys)",
-              *_text_keys(list(keys(TunerSpec))), "", "Tuners (TunerSpec.name, and the keys of TunerSpec.options)"]
+              *_text_keys(list(keys(TunerSpec))), "",
+              "Tuners (TunerSpec.name: what its dim means, and the keys of TunerSpec.options)"]
     for name in sorted(TUNERS):
-        lines += _wrap(f"{name}: {_doc(TUNERS[name])}", "  ", "      ")
-        lines += _text_keys(_tuner_keys(name), "    ") or ["    (no options)"]
+        lines += _wrap(f"{name}: {_tuner_doc(name)}", "  ", "      ")
+        lines += _text_keys(_tuner_keys(name), "    ")
     lines += ["", f"Families (family): {', '.join(sorted(FAMILIES))}, or \"structural\""]
     return "\n".join(lines) + "\n"
 
@@ -217,13 +228,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(rows: list[Key], meaning: bool = True) -> list[str]:
+def _md_table(rows: list[Key]) -> list[str]:
     if not rows:
         return []
-    head = ["| key | type | default | allowed |" + (" meaning |" if meaning else ""),
-            "|---|---|---|---|" + ("---|" if meaning else "")]
-    return head + [f"| `{k.name}` | `{_cell(k.type)}` | `{_cell(k.default)}` | {_cell(k.bounds)} |"
-                   + (f" {_cell(k.help)} |" if meaning else "") for k in rows] + [""]
+    head = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    return head + [f"| `{k.name}` | `{_cell(k.type)}` | `{_cell(k.default)}` | {_cell(k.bounds)} | {_cell(k.help)} |"
+                   for k in rows] + [""]
 
 
 def _markdown(method: str | None) -> str:
@@ -245,11 +255,10 @@ def _markdown(method: str | None) -> str:
     lines += ["## Tuner spec", "", "`mha`, `ffn`, `block`, `xattn`, `custom` values and the bypass's `horizontal` "
               "and `vertical` take a tuner name alone, or a mapping of these keys (`TunerSpec`).", "",
               *_md_table(list(keys(TunerSpec))),
-              "## Tuners", "", "`TunerSpec.name` names one of these; `TunerSpec.options` holds its own options "
-              "(from its signature).", ""]
+              "## Tuners", "", "`TunerSpec.name` names one of these; `dim` is what `TunerSpec.dim` (or the config's "
+              "`dim`) means to it, and `options.*` are the keys of `TunerSpec.options` (from its signature).", ""]
     for name in sorted(TUNERS):
-        rows = _tuner_keys(name)
-        lines += [f"### `{name}`", "", _doc(TUNERS[name]), "", *(_md_table(rows, meaning=False) or ["No options.", ""])]
+        lines += [f"### `{name}`", "", _tuner_doc(name), "", *_md_table(_tuner_keys(name))]
     lines += ["## Families", "", "`family` forces one of these op maps: "
               + ", ".join(f"`{f}`" for f in sorted(FAMILIES)) + ", or `structural` (the structural search).", ""]
     return "\n".join(lines)
