@@ -1,4 +1,4 @@
-"""The `restuning` command line: train, eval, predict, plot and demo; diffusion-train, generate and fd."""
+"""The `restuning` command line: train, eval, predict, plot, demo and config; diffusion-train, generate and fd."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.output_dir, quick=args.quick, json_path=args.json)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .config_reference import reference
+
+    sys.stdout.write(reference(args.format, args.method))
     return 0
 
 
@@ -219,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="smaller data and 2 epochs")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.set_defaults(func=_demo)
+    ref = sub.add_parser("config", help="every key of the run configs and of each method's options: type, default, "
+                         "meaning (docs/configuration.md is its --format markdown)")
+    ref.add_argument("--method", help="only this method's options (and the tuners)")
+    ref.add_argument("--format", choices=("text", "markdown"), default="text")
+    ref.set_defaults(func=_config)
     _run_command(sub, "diffusion-train", _diffusion_train, "text-to-image fine-tuning of a diffusion UNet (YAML "
                  "config)", "YAML file (see examples/diffusion_mnist_restuning.yaml)", "e.g. optim.max_steps=10")
     gen = sub.add_parser("generate", help="sample images (PLMS, classifier-free guidance) from a base model or runs")

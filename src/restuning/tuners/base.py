@@ -54,6 +54,8 @@ class ResTuner(nn.Module):
     position_wise: ClassVar[bool] = True
     # Option -> its allowed values, checked with the config (option types come from `__init__`'s hints).
     option_choices: ClassVar[dict[str, tuple]] = {}
+    # `dim` and each option -> its meaning, as `restuning config` prints it (types and defaults from `__init__`).
+    option_help: ClassVar[dict[str, str]] = {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: op input (..., in_features); y: op output (..., out_features). Returns a delta like y."""

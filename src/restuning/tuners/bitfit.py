@@ -13,6 +13,8 @@ from .base import OpContext, ResTuner, register_tuner
 class BitFit(ResTuner):
     """`dim` is ignored: the tuner has exactly `out_features` parameters."""
 
+    option_help = {"dim": "ignored: the tuner has exactly `out_features` parameters"}
+
     def __init__(self, ctx: OpContext, dim: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(ctx.out_features))

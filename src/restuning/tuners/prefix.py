@@ -66,7 +66,12 @@ class _PrefixLike(AttentionTuner):
 
 @register_tuner("res_prefix")
 class ResPrefix(_PrefixLike):
-    """Args: dim: number of prefix tokens (paper default 10); mode: gated | exact; init_std of the keys."""
+    """Learnable prefix keys and values; its options' meanings are in `option_help`."""
+
+    option_help = {"dim": "number of prefix tokens (paper default 10)",
+                   "mode": "`gated` (a learnable gate, zero at init) or `exact` (the weight `lam` that equals prefix "
+                           "tuning)",
+                   "init_std": "standard deviation of the prefix keys at init"}
 
     def __init__(self, ctx: OpContext, dim: int, mode: str = "gated", init_std: float = 0.02):
         super().__init__(ctx, dim, mode)

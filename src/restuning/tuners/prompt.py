@@ -20,7 +20,10 @@ from .prefix import _PrefixLike
 
 @register_tuner("res_prompt")
 class ResPrompt(_PrefixLike):
-    """Args: dim: number of prompt tokens (paper default 10); mode: gated | exact."""
+    """Learnable prompt tokens through the op's frozen projections; its options' meanings are in `option_help`."""
+
+    option_help = {"dim": "number of prompt tokens (paper default 10)",
+                   "mode": "`gated` (a learnable gate, zero at init) or `exact` (equals VPT-deep for the real tokens)"}
 
     def __init__(self, ctx: OpContext, dim: int, mode: str = "gated"):
         super().__init__(ctx, dim, mode)

@@ -13,6 +13,8 @@ from .base import OpContext, ResTuner, register_tuner
 class SSF(ResTuner):
     """`dim` is ignored: the tuner has 2 * `out_features` parameters."""
 
+    option_help = {"dim": "ignored: the tuner has 2 * `out_features` parameters"}
+
     def __init__(self, ctx: OpContext, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(ctx.out_features))  # gamma - 1
