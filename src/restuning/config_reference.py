@@ -24,6 +24,7 @@ from .diffusion.train_config import DiffusionTrainConfig
 from .errors import ConfigError
 from .methods import METHODS, Method
 from .ops import FAMILIES
+from .serve.config import ServeConfig
 from .train.config import TrainConfig
 from .tuners import TUNERS
 
@@ -31,6 +32,7 @@ FORMATS = ("text", "markdown")
 RUN_CONFIGS: tuple[tuple[str, type[ConfigBase], str], ...] = (
     ("Classification run config", TrainConfig, "restuning train --config FILE.yaml"),
     ("Diffusion run config", DiffusionTrainConfig, "restuning diffusion-train --config FILE.yaml"),
+    ("Service config", ServeConfig, "restuning serve --config FILE.yaml (or the same keys as flags)"),
 )
 # Set by the run from its data, refused in `method.config` (`Method.read_options`).
 FROM_THE_DATA = ("num_classes",)
