@@ -260,8 +260,9 @@ class ResTuningConfig(ConfigBase):
             `target_modules={"qv": r".*\\.(q_proj|v_proj)"}`.
         modules_to_save: names (PEFT matching rules) of extra modules trained and saved in full,
             such as a classification head.
-        family: force an op map (`vit`, `dinov2`, `bert`, `clip`, `convnext`, `resnet`, `efficientnet`,
-            `unet`, `unet_full`) instead of detecting it; `structural` forces the structural search.
+        family: force an op map (`vit`, `dinov2`, `bert`, `deberta_v2`, `clip`, `llama` (also Mistral, Qwen2),
+            `gpt2`, `swin`, `convnext`, `resnet`, `efficientnet`, `unet`, `unet_full`) instead of detecting it;
+            `structural` forces the structural search.
             A diffusers UNet is detected as `unet` (middle block and decoder, as in the paper);
             `unet_full` adds its encoder (down blocks).
     """

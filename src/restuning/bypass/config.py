@@ -8,7 +8,7 @@ from typing import Any
 from ..config import ConfigBase, TunerSpec, check_family, option
 from ..errors import ConfigError
 
-POOLINGS = ("auto", "cls", "mean", "avg")
+POOLINGS = ("auto", "cls", "mean", "avg", "last")
 VARIANTS = ("none", "horizontal", "vertical", "both")
 
 
@@ -28,7 +28,9 @@ class BypassConfig(ConfigBase):
         num_classes: adds a linear head; the model then returns logits (batch, num_classes). `None`:
             the model returns the pooled final bypass state (batch, width).
         pooling: `cls` (first token), `mean` (over the attention mask), `avg` (spatial mean of a
-            feature map), or `auto`: `avg` for CNNs, `mean` for text encoders, `cls` otherwise.
+            feature map), `last` (the last non-padding token by the attention mask, whichever side pads: a
+            decoder's sequence summary), or `auto`: `avg` for CNNs, `last` for decoders (causal LMs), `mean`
+            for text encoders, `cls` otherwise.
         final_norm: apply the backbone's own (frozen) final norm to the last bypass state.
         gate_init: initial `theta_l` (paper: 0, so `lam_l = 0.5`).
         recompute: keep only `b_{l-1}` of each bypass step for backward and recompute the step there
@@ -36,6 +38,9 @@ class BypassConfig(ConfigBase):
             autograd would hold). Results are the same either way.
         taps: override the tapped modules by name (PEFT matching rules), in forward order.
         family: force an op map (as in `ResTuningConfig.family`).
+        tower: of a model with several towers (CLIPModel: `text_model`, `vision_model`), the submodule the bypass
+            reads: its blocks are tapped (and `taps` are names inside it) and the backbone is called through it, so
+            the model takes that tower's inputs alone.
     """
 
     horizontal: TunerSpec | str | None = "res_adapter"
@@ -49,6 +54,7 @@ class BypassConfig(ConfigBase):
     recompute: bool = True
     taps: str | list[str] | None = None
     family: str | None = None
+    tower: str | None = None
 
     def validate(self) -> None:
         self.horizontal = TunerSpec.coerce(self.horizontal, "horizontal")
