@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import ALL_CASES, CASES, CNN_CASES, FAMILY_CASES, train_steps
@@ -334,3 +336,13 @@ def test_the_bypass_reads_the_named_tower_of_a_clip_model(tower, inputs, tmp_pat
     tuned.save_pretrained(tmp_path)
     restored = ResTuningBypassModel.from_pretrained(case.model(), tmp_path)
     torch.testing.assert_close(restored(**data), trained, atol=0, rtol=0)
+
+
+def test_a_swin_bypass_taps_one_stage_as_its_error_says():
+    case = FAMILY_CASES["swin"]
+    with pytest.raises(restuning.OpMatchError, match="change the token count") as info:
+        restuning.get_restuning_model(case.model(), BypassConfig(num_classes=3))
+    taps = re.search(r"BypassConfig\(taps='(.*)'\)", str(info.value)).group(1).replace("\\\\", "\\")
+    tuned = restuning.get_restuning_model(case.model(), BypassConfig(taps=taps, num_classes=3))
+    assert tuned.plan.points == ("encoder.layers.1.blocks.0", "encoder.layers.1.blocks.1")
+    assert tuned(**case.inputs()).shape == (2, 3)

@@ -82,6 +82,13 @@ def is_unet(model: nn.Module) -> bool:
 
 def _default_points(model: nn.Module, stacks) -> list[str]:
     family = stacks[0].family
+    if family.layout == "tokens" and family.chained and len(stacks) > 1:
+        last_stage = re.escape(stacks[-1].name) + r"\.\d+"
+        raise OpMatchError(
+            f"the bypass carries one token sequence from layer to layer, but the stages of this {family.name} change "
+            f"the token count between {[s.name for s in stacks]}; tap the blocks of one stage, e.g. "
+            f"BypassConfig(taps={last_stage!r})"
+        )
     if family.taps is None:
         if len(stacks) > 1 and not family.chained:
             towers = sorted({s.name.split(".")[0] for s in stacks})
