@@ -14,7 +14,7 @@ from . import checkpoint
 from .config import ConfigBase, ResTuningConfig
 from .errors import CheckpointError, ConfigError
 from .hooks import Attachment
-from .ops import OpSite, find_ops, name_matches
+from .ops import OpSite, find_ops, name_matches, widths
 from .params import ParameterReport
 from .tuners import FrozenAttention, OpContext, ResTuner, build_tuner
 
@@ -47,8 +47,9 @@ def _frozen_attention(model: nn.Module, site: OpSite) -> FrozenAttention | None:
     if att is None:
         return None
     get = model.get_submodule
+    in_width = widths(get(att.key), att.key)[0]
     return FrozenAttention(get(att.query), get(att.key), get(att.value), get(att.norm) if att.norm else None,
-                           att.num_heads)
+                           att.num_heads, att.num_kv_heads, att.head_dim, in_width, att.scale, att.exact)
 
 
 def _match_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 from ..config import ConfigBase, TunerSpec, check_family, option
 from ..errors import ConfigError
 
-POOLINGS = ("auto", "cls", "mean", "avg")
+POOLINGS = ("auto", "cls", "mean", "avg", "last")
 VARIANTS = ("none", "horizontal", "vertical", "both")
 
 
@@ -33,8 +33,9 @@ class BypassConfig(ConfigBase):
                                      "num_classes); null: the pooled final bypass state (batch, width); a run sets it "
                                      "from its data")
     pooling: str = option("auto", choices=POOLINGS, help="`cls` (first token), `mean` (over the attention mask), "
-                          "`avg` (spatial mean of a feature map), or `auto`: `avg` for CNNs, `mean` for text "
-                          "encoders, `cls` otherwise")
+                          "`avg` (spatial mean of a feature map), `last` (the last non-padding token by the "
+                          "attention mask, whichever side pads: a decoder's summary), or `auto`: `avg` for CNNs, "
+                          "`last` for decoders (causal LMs), `mean` for text encoders, `cls` otherwise")
     final_norm: bool = option(True, help="apply the backbone's own (frozen) final norm to the last bypass state")
     gate_init: float = option(0.0, help="initial `theta_l` (paper: 0, so `lam_l = 0.5`)")
     recompute: bool = option(True, help="keep only `b_{l-1}` of each bypass step for backward and recompute the step "
@@ -42,6 +43,9 @@ class BypassConfig(ConfigBase):
     taps: str | list[str] | None = option(None, help="override the tapped modules by name (PEFT matching rules), in "
                                           "forward order")
     family: str | None = option(None, help="force an op map (as `family` of restuning)")
+    tower: str | None = option(None, help="of a model with several towers (CLIPModel: `text_model`, `vision_model`), "
+                               "the submodule the bypass reads: its blocks are tapped (`taps` are names inside it) and "
+                               "the backbone is called through it, so the model takes that tower's inputs alone")
 
     def validate(self) -> None:
         self.horizontal = TunerSpec.coerce(self.horizontal, "horizontal")
