@@ -69,8 +69,10 @@ def start(config: ServeConfig, route_prefix: str = "/", name: str = APP_NAME) ->
         raise ConfigError("serve: no finished run to serve" + (f"; refused: {refused}" if refused else
                                                                  " (name runs with --runs or runs: in the YAML)"))
     if not ray.is_initialized():
+        # Requests and answers are small: a local instance needs little of Ray's shared-memory object store.
+        local = {"object_store_memory": 256 * 2**20} if config.address is None else {}
         ray.init(address=config.address, include_dashboard=False, log_to_driver=config.verbose,
-                 configure_logging=config.verbose, namespace="restuning")
+                 configure_logging=config.verbose, namespace="restuning", **local)
     serve.start(http_options={"host": config.host, "port": config.port})
     gateway = serve.run(build(config, groups), name=name, route_prefix=route_prefix, blocking=False)
     health = gateway.health.remote().result()  # the runs whose checkpoints did not load are refused there
