@@ -264,6 +264,10 @@ class ResTuningConfig(ConfigBase):
             `unet`, `unet_full`) instead of detecting it; `structural` forces the structural search.
             A diffusers UNet is detected as `unet` (middle block and decoder, as in the paper);
             `unet_full` adds its encoder (down blocks).
+        task_type: PEFT's task names (`SEQ_CLS`, `TOKEN_CLS`, `IMAGE_CLS`, `QUESTION_ANS`, `CAUSAL_LM`,
+            `SEQ_2_SEQ_LM`, `FEATURE_EXTRACTION`) or `None`: the task's usual head (`classifier`/`score`,
+            `qa_outputs`; none for language models and features, as in PEFT) joins `modules_to_save`
+            (restuning.tasks).
     """
 
     mha: TunerSpec | str | None = "res_adapter"
@@ -276,8 +280,13 @@ class ResTuningConfig(ConfigBase):
     modules_to_save: list[str] = field(default_factory=list)
     family: str | None = None
     xattn: TunerSpec | str | None = None
+    task_type: str | None = None
 
     def validate(self) -> None:
+        from .tasks import TASK_TYPES  # beside the model code that reads it
+
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type: expected one of {list(TASK_TYPES)} or null, got {self.task_type!r}")
         for kind in OP_KINDS:
             setattr(self, kind, TunerSpec.coerce(getattr(self, kind), kind))
         self.custom = {k: TunerSpec.coerce(v, f"custom.{k}") for k, v in self.custom.items()}

@@ -18,6 +18,8 @@ from .base import OpContext, ResTuner, register_tuner
 class LoRA(ResTuner):
     """Args: dim: rank r; alpha: scaling numerator (default r, i.e. scaling 1); dropout on x."""
 
+    folds = "input"
+
     def __init__(self, ctx: OpContext, dim: int, alpha: float | None = None, dropout: float = 0.0):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(dim, ctx.in_features))
@@ -42,3 +44,8 @@ class LoRA(ResTuner):
         if linear.bias is not None:
             out.bias.copy_(linear.bias)
         return out
+
+    @torch.no_grad()
+    def fold_into(self, linear: nn.Linear) -> None:
+        """`W <- W + (alpha/r) B A` in place (the linear layer is the op, so x is its input)."""
+        linear.weight.add_(self.delta_weight().to(linear.weight.dtype))
