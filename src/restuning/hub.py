@@ -25,16 +25,17 @@ def locate(source: str | Path, revision: str | None = None, subfolder: str | Non
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    where = f"{source}/{subfolder}" if subfolder else str(source)
     files = []
     try:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             files.append(Path(hf_hub_download(str(source), name, revision=revision, subfolder=subfolder,
                                               library_name="restuning")))
     except HFValidationError:
-        raise CheckpointError(f"{path}: no such folder (and not a Hub repository id such as 'org/name')") from None
+        raise CheckpointError(f"{where}: no such folder (and not a Hub repository id such as 'org/name')") from None
     except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError) as err:
         # offline and not cached; no such repository, revision or file; no network
-        raise CheckpointError(f"{path}: no such folder, and the Hub repository {str(source)!r} "
+        raise CheckpointError(f"{where}: no such folder, and the Hub repository {str(source)!r} "
                               f"(revision {revision or 'main'}) cannot provide {CONFIG_NAME} and {WEIGHTS_NAME}: "
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     return files[0].parent
