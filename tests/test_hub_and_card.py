@@ -48,6 +48,7 @@ def test_save_pretrained_writes_a_model_card(tmp_path):
     assert "## Metrics" not in (tmp_path / "plain" / CARD_NAME).read_text()
     vit_card = (tmp_path / "vit" / CARD_NAME).read_text()
     assert "base_model:" not in vit_card and "ViTModel (built in code; no Hub id)" in vit_card
+    assert "**Modules saved in full:** none" in vit_card
 
 
 def _hub_cache(root, repo: str, checkpoint, revision: str = "0123456789abcdef0123456789abcdef01234567"):

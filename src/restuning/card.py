@@ -13,13 +13,14 @@ CARD_NAME = "README.md"
 
 
 def model_card(*, adapter: str, config: dict[str, Any], base_model: str | None, backbone: str, trainable: int,
-               total: int, metrics: dict[str, Any] | None = None) -> str:
+               total: int, saved: list[str] | None = None, metrics: dict[str, Any] | None = None) -> str:
     """README.md text for one saved adapter.
 
     Args:
         adapter: the adapter's name. config: its `ResTuningConfig.to_dict()`.
         base_model: the backbone's Hub id or path, or None when it was built in code. backbone: its class.
         trainable / total: parameters in the checkpoint / in the tuned model (backbone included).
+        saved: the backbone modules saved in full (the task head and `modules_to_save`).
         metrics: name -> value, shown when known.
     """
     ops = [f"{kind}: {_spec(config[kind], config['dim'])}" for kind in ("mha", "ffn", "block", "xattn")
@@ -40,7 +41,7 @@ def model_card(*, adapter: str, config: dict[str, Any], base_model: str | None, 
         "- **Method:** Res-Tuning; " + ("; ".join(ops) if ops else "no tuners"),
         f"- **Base model:** {base_model or f'{backbone} (built in code; no Hub id)'} ({backbone})",
         f"- **Task type:** {config.get('task_type') or 'none'}",
-        f"- **Modules saved in full:** {', '.join(config.get('modules_to_save') or []) or 'none beyond the task head'}",
+        f"- **Modules saved in full:** {', '.join(saved or []) or 'none'}",
         f"- **Trainable parameters:** {trainable:,d} of {total:,d} ({share:.4f}%)", "",
     ]
     if metrics:

@@ -238,7 +238,7 @@ class ResTuningModel(ParameterReport, nn.Module):
             total = sum(p.numel() for p in self.base_model.parameters()) + trainable
             write_card(folder, model_card(adapter=name, config=meta["config"], base_model=meta.get("base_model"),
                                           backbone=type(self.base_model).__name__, trainable=trainable, total=total,
-                                          metrics=metrics))
+                                          saved=adapter.modules_to_save, metrics=metrics))
 
     def _checkpoint_config(self, adapter_name: str | None = None) -> dict[str, Any]:
         config = self._adapter(adapter_name or self.active_adapter).config
