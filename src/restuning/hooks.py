@@ -138,7 +138,8 @@ class Attachment:
             delta = self._delta(x[index], y[index]).to(y.dtype)
         return add_to_output(output, torch.zeros_like(y).index_copy(0, index, delta))
 
-    def _inside(self):
+    def _inside(self) -> contextlib.AbstractContextManager:
+        """While this tuner runs: in a mixed batch, the other adapters' hooks stand aside."""
         return self.rows.routing.within(self.rows.adapter) if self.rows is not None else contextlib.nullcontext()
 
     def _op_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
