@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, hidden
+from conftest import _DECODER, CASES, DEPTH, FAMILY_CASES, HEADS, WIDTH, hidden
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import restuning
 from restuning import CheckpointError, ConfigError, ResTuningConfig, ResTuningModel, TunerSpec
@@ -184,6 +193,124 @@ def test_mixed_batch_errors_name_what_is_wrong():
             tuned(**_batch("bert"), adapter_names=["a", "mean", "a", "a", "a"])
     finally:
         TUNERS.pop("test_batch_mean")
+
+
+# The further families (main's discovery): GQA and RoPE (Llama, Qwen2), GPT-2's fused c_attn, DeBERTa-v2's
+# relative attention (no exact prefix there), CLIPModel with both towers; the same three adapters as above.
+def _family_configs(exact: bool) -> dict[str, ResTuningConfig]:
+    mode = {"mode": "exact"} if exact else {}
+    qv = {"qv": r".*\.(q_proj|v_proj|query_proj|value_proj|c_attn)"}
+    return {
+        "a": ResTuningConfig(mha=TunerSpec("res_prefix", dim=3, options=mode), ffn="ssf"),
+        "b": ResTuningConfig(mha=TunerSpec("res_prompt", dim=3, options=mode), ffn=TunerSpec("lora", dim=2),
+                             block="bitfit"),
+        "c": ResTuningConfig(mha=TunerSpec("res_prefix", dim=2), ffn=TunerSpec("res_adapter", dim=4),
+                             custom={"qv": TunerSpec("lora", dim=2)}, target_modules=qv),
+    }
+
+
+def _family_batch(family: str, n: int = 5) -> dict:
+    g = torch.Generator().manual_seed(3)
+    batch = {}
+    if "input_ids" in FAMILY_CASES[family].inputs():
+        mask = torch.ones(n, 7, dtype=torch.long)
+        mask[1, 4:] = 0
+        mask[3, 2:] = 0
+        batch.update(input_ids=torch.randint(3, 101, (n, 7), generator=g), attention_mask=mask)
+    if "pixel_values" in FAMILY_CASES[family].inputs():
+        batch["pixel_values"] = torch.randn(n, 3, 16, 16, generator=g)
+    return batch
+
+
+def _mixed_equals_alone(tuned: ResTuningModel, batch: dict, names: list[str], read) -> None:
+    alone = {}
+    for name in dict.fromkeys(names):
+        if name == "__base__":
+            with tuned.disable_adapter():
+                alone[name] = read(tuned(**batch)).detach()
+        else:
+            tuned.set_adapter(name)
+            alone[name] = read(tuned(**batch)).detach()
+    assert min((alone[x] - alone[y]).abs().max() for x in alone for y in alone if x < y) > 1e-3  # all differ
+    mixed = read(tuned(**batch, adapter_names=names))
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone[name][i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "deberta_v2", "clip_model"])
+def test_mixed_batch_on_the_further_families(family):
+    case = FAMILY_CASES[family]
+    configs = _family_configs(exact=family != "deberta_v2")  # DeBERTa's relative terms refuse the exact modes
+    tuned = ResTuningModel(case.model(), configs["a"], adapter_name="a")
+    for name in ("b", "c"):
+        tuned.add_adapter(name, configs[name])
+    for i, adapter in enumerate(tuned.adapters.values()):
+        _randomise(adapter, i)
+    _mixed_equals_alone(tuned, _family_batch(family), ["b", "a", "__base__", "c", "a"], case.read)
+
+
+def test_mixed_batch_on_swin_mixes_its_ffn_and_blocks_and_refuses_its_windowed_attention():
+    case = FAMILY_CASES["swin"]
+    tuned = ResTuningModel(case.model(), ResTuningConfig(mha=None, ffn="ssf", block=TunerSpec("lora", dim=2)),
+                           adapter_name="a")
+    tuned.add_adapter("b", ResTuningConfig(mha=None, ffn=TunerSpec("res_adapter", dim=3), block="bitfit"))
+    tuned.add_adapter("windows", ResTuningConfig(mha=TunerSpec("res_prefix", dim=2), ffn=None))
+    for i, adapter in enumerate(tuned.adapters.values()):
+        _randomise(adapter, i)
+    batch = _family_batch("swin", 4)
+    _mixed_equals_alone(tuned, batch, ["b", "a", "__base__", "a"], case.read)
+    # the attention runs on the windows of all samples as one batch (4 samples x 4 windows): no name per row
+    with pytest.raises(ConfigError, match=r"adapter_names: 4 names, but .*attention.* sees a batch of 16"):
+        tuned(**batch, adapter_names=["a", "windows", "a", "a"])
+
+
+def _causal_lms() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**_DECODER, num_hidden_layers=DEPTH)).eval()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=WIDTH, n_layer=DEPTH, n_head=HEADS, vocab_size=101, n_positions=32,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                                      eos_token_id=2, pad_token_id=0)).eval()
+    return {"llama": llama, "gpt2": gpt2}
+
+
+@pytest.mark.parametrize("decoder", ["llama", "gpt2"])
+def test_mixed_batch_through_the_kv_cache_and_generate(decoder):
+    """Exact Res-Prefix/Res-Prompt (cached keys, causal mask, left padding) and LoRA/SSF, two adapters in one
+    batch: step by step through the cache, and in `generate`, each sample is what its adapter gives alone."""
+    configs = _family_configs(exact=True)
+    tuned = ResTuningModel(_causal_lms()[decoder], configs["a"], adapter_name="a")
+    tuned.add_adapter("b", configs["b"])
+    for i, adapter in enumerate(tuned.adapters.values()):
+        _randomise(adapter, i, std=0.3)
+    ids = torch.randint(3, 101, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    names, real = ["b", "a", "__base__"], mask.bool()
+    greedy = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    full, generated = {}, {}
+    for name in ("a", "b", "__base__"):
+        if name == "__base__":
+            with tuned.disable_adapter():
+                full[name], generated[name] = tuned(input_ids=ids, attention_mask=mask).logits, tuned.generate(**greedy)
+        else:
+            tuned.set_adapter(name)
+            full[name], generated[name] = tuned(input_ids=ids, attention_mask=mask).logits, tuned.generate(**greedy)
+    out = tuned(input_ids=ids[:, :3], attention_mask=mask[:, :3], use_cache=True, adapter_names=names)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(3, ids.shape[1]):
+        out = tuned(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True,
+                    adapter_names=names)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    stepwise = torch.cat(steps, dim=1)
+    for i, name in enumerate(names):
+        assert (full[name][i] - full["a" if name != "a" else "b"][i])[real[i]].abs().max() > 1e-3
+        torch.testing.assert_close(stepwise[i][real[i]], full[name][i][real[i]], atol=1e-5, rtol=0)
+    mixed = tuned.generate(**greedy, adapter_names=names)
+    assert torch.equal(mixed, torch.stack([generated[name][i] for i, name in enumerate(names)]))
+    with pytest.raises(ConfigError, match="adapter_names: 3 names, but .* sees a batch of 6"):
+        tuned.generate(**greedy, num_beams=2, adapter_names=names)
+    assert not hasattr(ResTuningModel(CASES["bert"].model(), ResTuningConfig()), "generate")  # no LM, no generate
 
 
 # --- merge_and_unload ------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from conftest import ALL_CASES, CASES, CNN_CASES, train_steps
+from conftest import ALL_CASES, CASES, CNN_CASES, FAMILY_CASES, train_steps
 
 import restuning
 from restuning import BypassConfig, ResTuningBypassModel, ResTuningConfig, TunerSpec
@@ -303,3 +305,44 @@ def test_bypass_runs_under_bf16_autocast(name):
         logits = model(**case.inputs())
     logits.float().sum().backward()
     assert logits.shape == (2, 3) and model.bypass.theta.grad is not None
+
+
+# --- a model with two towers (CLIPModel): the bypass reads the tower it is told to ------------------------------
+def test_a_two_tower_model_needs_its_tower_named():
+    with pytest.raises(restuning.OpMatchError, match=r"BypassConfig\(tower='text_model'\) \(towers: \['text_model', "
+                                                     r"'vision_model'\]\)"):
+        restuning.get_restuning_model(FAMILY_CASES["clip_model"].model(), BypassConfig(num_classes=3))
+    with pytest.raises(restuning.OpMatchError, match="tower='towers': no such submodule"):
+        restuning.get_restuning_model(FAMILY_CASES["clip_model"].model(), BypassConfig(tower="towers"))
+
+
+@pytest.mark.parametrize("tower,inputs", [("vision_model", ("pixel_values",)),
+                                          ("text_model", ("input_ids", "attention_mask"))])
+def test_the_bypass_reads_the_named_tower_of_a_clip_model(tower, inputs, tmp_path):
+    case = FAMILY_CASES["clip_model"]
+    data = {k: v for k, v in case.inputs().items() if k in inputs}
+    torch.manual_seed(3)
+    tuned = restuning.get_restuning_model(case.model(), BypassConfig(tower=tower, num_classes=3))
+    assert all(p.startswith(f"{tower}.encoder.layers.") for p in tuned.plan.points) and len(tuned.plan.points) == 2
+    assert tuned.plan.final_norm.startswith(tower + ".")
+    torch.manual_seed(3)  # the same task on the tower taken out of the model: the same answer
+    alone = restuning.get_restuning_model(case.model().get_submodule(tower), BypassConfig(num_classes=3))
+    out = tuned(**data)
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out, alone(**data), atol=0, rtol=0)
+    train_steps(tuned, data, torch.tensor([0, 2]))
+    trained = tuned(**data)
+    assert (trained - out).abs().max() > 1e-4
+    tuned.save_pretrained(tmp_path)
+    restored = ResTuningBypassModel.from_pretrained(case.model(), tmp_path)
+    torch.testing.assert_close(restored(**data), trained, atol=0, rtol=0)
+
+
+def test_a_swin_bypass_taps_one_stage_as_its_error_says():
+    case = FAMILY_CASES["swin"]
+    with pytest.raises(restuning.OpMatchError, match="change the token count") as info:
+        restuning.get_restuning_model(case.model(), BypassConfig(num_classes=3))
+    taps = re.search(r"BypassConfig\(taps='(.*)'\)", str(info.value)).group(1).replace("\\\\", "\\")
+    tuned = restuning.get_restuning_model(case.model(), BypassConfig(taps=taps, num_classes=3))
+    assert tuned.plan.points == ("encoder.layers.1.blocks.0", "encoder.layers.1.blocks.1")
+    assert tuned(**case.inputs()).shape == (2, 3)

@@ -1,17 +1,20 @@
-"""PEFT-style common tester: one set of checks over every (backbone family x tuner x op) pair."""
+"""PEFT-style common tester: one set of checks over every (backbone family x tuner x op) pair: the encoders of
+CASES and the further families of FAMILY_CASES (Llama/Mistral/Qwen2 with GQA and RoPE, GPT-2, DeBERTa-v2, Swin,
+CLIPModel with both towers)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, hidden
+from conftest import CASES, FAMILY_CASES
 
 import restuning
 from restuning import ResTuningConfig, ResTuningModel, TunerSpec
 
 TUNER_NAMES = ["res_adapter", "res_prefix", "res_prompt", "lora", "bitfit", "ssf"]
 OPS = ["mha", "ffn", "block"]
-MATRIX = [(m, t, o) for m in sorted(CASES) for t in TUNER_NAMES for o in OPS]
+MODELS = {**CASES, **FAMILY_CASES}
+MATRIX = [(m, t, o) for m in sorted(MODELS) for t in TUNER_NAMES for o in OPS]
 
 
 def _config(tuner: str, op: str) -> ResTuningConfig:
@@ -19,9 +22,9 @@ def _config(tuner: str, op: str) -> ResTuningConfig:
 
 
 def _tuned(model_name: str, tuner: str, op: str):
-    case = CASES[model_name]
+    case = MODELS[model_name]
     base = case.model()
-    reference = hidden(base(**case.inputs())).detach()
+    reference = case.read(base(**case.inputs())).detach()
     return case, base, reference, restuning.get_restuning_model(base, _config(tuner, op))
 
 
@@ -29,7 +32,7 @@ def _train_step(tuned, case, lr: float = 0.1) -> None:
     tuned.train()
     opt = torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=lr)
     for _ in range(2):  # two steps: zero-initialised branches (gates, LoRA B) open after the first
-        out = hidden(tuned(**case.inputs()))
+        out = case.read(tuned(**case.inputs()))
         loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
         opt.zero_grad()
         loss.backward()
@@ -40,7 +43,7 @@ def _train_step(tuned, case, lr: float = 0.1) -> None:
 @pytest.mark.parametrize("model_name,tuner,op", MATRIX)
 def test_init_equals_backbone(model_name, tuner, op):
     case, _, reference, tuned = _tuned(model_name, tuner, op)
-    out = hidden(tuned(**case.inputs()))
+    out = case.read(tuned(**case.inputs()))
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
 
 
@@ -54,7 +57,7 @@ def test_only_tuners_train_and_backbone_is_untouched(model_name, tuner, op):
     for k, v in base.state_dict().items():
         assert torch.equal(v, before[k]), f"backbone tensor {k} changed"
     assert all(p.grad is None for p in base.parameters())
-    out = hidden(tuned(**case.inputs()))
+    out = case.read(tuned(**case.inputs()))
     assert (out - reference).abs().max() > 1e-4, "training did not change the output"
 
 
@@ -62,10 +65,10 @@ def test_only_tuners_train_and_backbone_is_untouched(model_name, tuner, op):
 def test_save_load_roundtrip(model_name, tuner, op, tmp_path):
     case, _, _, tuned = _tuned(model_name, tuner, op)
     _train_step(tuned, case)
-    expected = hidden(tuned(**case.inputs())).detach()
+    expected = case.read(tuned(**case.inputs())).detach()
     tuned.save_pretrained(tmp_path)
     restored = ResTuningModel.from_pretrained(case.model(), tmp_path)
-    torch.testing.assert_close(hidden(restored(**case.inputs())), expected, atol=0, rtol=0)
+    torch.testing.assert_close(case.read(restored(**case.inputs())), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("model_name,tuner,op", MATRIX)
@@ -75,5 +78,5 @@ def test_unload_gives_pristine_backbone(model_name, tuner, op):
     model = tuned.unload()
     assert model is base
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    torch.testing.assert_close(hidden(model(**case.inputs())), reference, atol=0, rtol=0)
+    torch.testing.assert_close(case.read(model(**case.inputs())), reference, atol=0, rtol=0)
     assert all(p.requires_grad for p in model.parameters())

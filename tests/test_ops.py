@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, DEPTH
+from conftest import CASES, DEPTH, FAMILY_CASES, HEADS, KV_HEADS, WIDTH
 from torch import nn
 
 import restuning
 from restuning import ConfigError, OpMatchError, ResTuningConfig, find_ops
+from restuning.ops import family_for_model
 
 EXPECTED_MHA_EXIT = {
     "vit": "layers.0.attention",
@@ -240,3 +241,98 @@ def test_forced_family_is_still_checked_when_every_kind_is_named():
         find_ops(_mlp(), config)
     structural = ResTuningConfig(mha=None, ffn="res_adapter", family="structural", target_modules={"ffn": r"fc\d"})
     assert len(find_ops(_mlp(), structural)) == 2
+
+
+# --- the further families: decoders with GQA and RoPE, GPT-2's Conv1D, DeBERTa-v2, Swin, CLIPModel ---------------
+FAMILY_LAYOUT = {  # case -> (family map, mha exit of block 0, blocks, query heads, key/value heads, exact scores)
+    "llama": ("llama", "layers.0.self_attn", DEPTH, 4, KV_HEADS, True),
+    "mistral": ("llama", "layers.0.self_attn", DEPTH, 4, KV_HEADS, True),
+    "qwen2": ("llama", "layers.0.self_attn", DEPTH, 4, KV_HEADS, True),
+    "gpt2": ("gpt2", "h.0.attn", DEPTH, 4, 4, True),
+    "deberta_v2": ("deberta_v2", "encoder.layer.0.attention.output.dense", DEPTH, 4, 4, False),
+    "swin": ("swin", "encoder.layers.0.blocks.0.attention", 2 * DEPTH, 2, 2, False),
+    "clip_model": ("clip", "text_model.encoder.layers.0.self_attn", 2 * DEPTH, 4, 4, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CASES))
+def test_further_families_by_map_and_by_structure(name):
+    family, exit0, blocks, heads, kv_heads, exact = FAMILY_LAYOUT[name]
+    model = FAMILY_CASES[name].model()
+    assert family_for_model(model).name == family
+    by_map = find_ops(model, ResTuningConfig(block="res_adapter"))
+    kinds = [s.kind for s in by_map]
+    assert kinds.count("mha") == kinds.count("ffn") == kinds.count("block") == blocks
+    mha0 = next(s for s in by_map if s.kind == "mha")
+    assert mha0.exit == exit0 and mha0.layer == 0
+    att = mha0.attention
+    assert (att.num_heads, att.num_kv_heads, att.head_dim, att.exact) == (heads, kv_heads, 8, exact)
+    by_structure = find_ops(model, ResTuningConfig(block="res_adapter", family="structural"))
+    assert [(s.kind, s.layer, s.entry, s.exit, s.attention) for s in by_map] == \
+        [(s.kind, s.layer, s.entry, s.exit, s.attention) for s in by_structure]
+
+
+def test_swin_stages_number_their_blocks_globally():
+    sites = find_ops(FAMILY_CASES["swin"].model(), ResTuningConfig(mha=None, ffn=None, block="res_adapter"))
+    assert [(s.layer, s.exit) for s in sites] == [
+        (0, "encoder.layers.0.blocks.0"), (1, "encoder.layers.0.blocks.1"),
+        (2, "encoder.layers.1.blocks.0"), (3, "encoder.layers.1.blocks.1")]
+    assert [(s.in_features, s.out_features) for s in sites] == [(16, 16), (16, 16), (32, 32), (32, 32)]
+    later = find_ops(FAMILY_CASES["swin"].model(), ResTuningConfig(mha=None, ffn=None, block="res_adapter", layers=[3]))
+    assert [s.exit for s in later] == ["encoder.layers.1.blocks.1"]
+
+
+def test_gpt2_conv1d_widths_and_fused_attention():
+    model = FAMILY_CASES["gpt2"].model()
+    sites = find_ops(model, ResTuningConfig(mha="res_prompt", ffn="res_adapter"))
+    ffn = next(s for s in sites if s.kind == "ffn")
+    assert (ffn.entry, ffn.in_features, ffn.out_features) == ("h.0.mlp", WIDTH, WIDTH)
+    att = next(s for s in sites if s.kind == "mha").attention
+    assert att.fused and att.query == "h.0.attn.c_attn" and att.out == "h.0.attn.c_proj"
+    lora = ResTuningConfig(mha=None, ffn=None, custom={"qkv": "lora"}, target_modules={"qkv": ["c_attn"]})
+    assert [(s.exit, s.in_features, s.out_features) for s in find_ops(model, lora)] == [
+        (f"h.{i}.attn.c_attn", WIDTH, 3 * WIDTH) for i in range(DEPTH)]
+
+
+@pytest.mark.parametrize("name", ["deberta_v2", "swin"])
+def test_exact_unbinding_is_refused_where_scores_carry_position_terms(name):
+    with pytest.raises(ConfigError, match="relative-position terms.*use mode 'gated'"):
+        exact = {"name": "res_prefix", "options": {"mode": "exact"}}
+        restuning.get_restuning_model(FAMILY_CASES[name].model(), ResTuningConfig(mha=exact, ffn=None))
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomModel
+
+    torch.manual_seed(0)
+    return BloomModel(BloomConfig(hidden_size=WIDTH, n_layer=DEPTH, n_head=HEADS, vocab_size=101)).eval()
+
+
+def test_a_family_nothing_finds_names_what_it_saw_and_a_config_that_works():
+    """BLOOM interleaves its heads in `query_key_value`: no map, and the structural search must not split it."""
+    import re
+
+    model = _bloom()
+    with pytest.raises(OpMatchError) as info:
+        find_ops(model, ResTuningConfig())
+    message = str(info.value)
+    assert "ModuleLists: ['h']" in message and "query_key_value" in message and "Problems: []" not in message
+    examples = re.findall(r"ResTuningConfig\((?:[^()]|\([^()]*\))*\)", message)
+    assert len(examples) == 2
+    ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(1))
+    reference = model(input_ids=ids).last_hidden_state
+    for example in examples:
+        config = eval(example, {"ResTuningConfig": ResTuningConfig})  # noqa: S307 - our own message
+        tuned = restuning.get_restuning_model(_bloom(), config)
+        assert len(tuned.tuners) == 4 * DEPTH
+        torch.testing.assert_close(tuned(input_ids=ids).last_hidden_state, reference, atol=1e-6, rtol=0)
+
+
+def test_skipped_block_lists_are_reported():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    with pytest.raises(OpMatchError, match=r"Problems: \['layers: a block holds 1 weight layers"):
+        find_ops(Tiny(), ResTuningConfig())

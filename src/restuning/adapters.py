@@ -18,7 +18,7 @@ from torch import nn
 from .config import ResTuningConfig
 from .errors import ConfigError
 from .hooks import Attachment, Rows, SavedModule
-from .ops import OpSite, find_ops, name_matches
+from .ops import OpSite, find_ops, name_matches, widths
 from .tasks import outermost, task_heads
 from .tuners import FrozenAttention, OpContext, ResTuner, build_tuner
 
@@ -54,8 +54,9 @@ def _frozen_attention(model: nn.Module, site: OpSite) -> FrozenAttention | None:
     if att is None:
         return None
     get = model.get_submodule
+    in_width = widths(get(att.key), att.key)[0]
     return FrozenAttention(get(att.query), get(att.key), get(att.value), get(att.norm) if att.norm else None,
-                           att.num_heads)
+                           att.num_heads, att.num_kv_heads, att.head_dim, in_width, att.scale, att.exact)
 
 
 def _match_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:

@@ -24,6 +24,23 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H_kv, S, d) -> (B, heads, S, d): each key/value head serves `heads // H_kv` query heads in turn
+    (grouped-query attention, transformers' `repeat_kv`)."""
+    groups = heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding as transformers' Llama-style models apply it after the projections:
+    t: (B, H, T, d); cos, sin: (B|1, T, r), r <= d (the first r features rotate, `rotate_half` convention)."""
+    cos, sin = cos.unsqueeze(1).to(t.dtype), sin.unsqueeze(1).to(t.dtype)
+    r = cos.shape[-1]
+    rot, rest = t[..., :r], t[..., r:]
+    half = torch.cat((-rot[..., r // 2:], rot[..., : r // 2]), dim=-1)
+    return torch.cat((rot * cos + half * sin, rest), dim=-1)
+
+
 def additive_mask(
     mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device
 ) -> torch.Tensor | None:

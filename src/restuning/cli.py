@@ -1,4 +1,5 @@
-"""The `restuning` command line: train, eval, predict, plot and demo; diffusion-train, generate and fd."""
+"""The `restuning` command line: train, eval, predict, serve, plot, demo and config; diffusion-train, generate
+and fd."""
 
 from __future__ import annotations
 
@@ -77,6 +78,44 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.output_dir, quick=args.quick, json_path=args.json)
+    return 0
+
+
+SERVE_FLAGS = ("runs", "host", "port", "task_root", "api_key", "replicas", "max_batch_size", "max_wait_ms")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serve import load_serve_config, start
+
+    overrides = _overrides(args.set)
+    overrides.update({k: getattr(args, k) for k in SERVE_FLAGS if getattr(args, k) is not None})
+    if "api_key" not in overrides and os.environ.get("RESTUNING_API_KEY"):
+        overrides["api_key"] = os.environ["RESTUNING_API_KEY"]
+    config = load_serve_config(args.config, overrides)
+    print(f"starting the service for {len(config.runs)} run(s) ...", flush=True)
+    info = start(config, blocking=False)
+    for name, why in info["refused"].items():
+        print(f"refused {name}: {why}", file=sys.stderr)
+    tasks = {b: sorted(t) for b, t in info["backbones"].items()}
+    print(f"serving {json.dumps(tasks)} at {info['url']} (API: {info['url']}/docs); Ctrl-C stops", flush=True)
+    import time
+
+    from .serve import stop
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop()
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .config_reference import reference
+
+    sys.stdout.write(reference(args.format, args.method))
     return 0
 
 
@@ -219,6 +258,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="smaller data and 2 epochs")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.set_defaults(func=_demo)
+    srv = sub.add_parser("serve", help="finished runs as an HTTP service (Ray Serve): bypass tasks on one backbone "
+                         "share its forward, batched across requests")
+    srv.add_argument("--runs", nargs="+", help="finished runs' folders (name=folder names a task)")
+    srv.add_argument("--config", help="a YAML file of the service's keys (restuning config lists them)")
+    srv.add_argument("--host", help="default 127.0.0.1")
+    srv.add_argument("--port", type=int, help="default 8000")
+    srv.add_argument("--task-root", help="POST /v1/tasks adds runs from under this folder (default: here)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set RESTUNING_API_KEY)")
+    srv.add_argument("--replicas", type=int, help="copies of each backbone deployment")
+    srv.add_argument("--max-batch-size", type=int, help="inputs per backbone forward at most")
+    srv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests")
+    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other key")
+    srv.set_defaults(func=_serve)
+    ref = sub.add_parser("config", help="every key of the run configs and of each method's options: type, default, "
+                         "meaning (docs/configuration.md is its --format markdown)")
+    ref.add_argument("--method", help="only this method's options (and the tuners)")
+    ref.add_argument("--format", choices=("text", "markdown"), default="text")
+    ref.set_defaults(func=_config)
     _run_command(sub, "diffusion-train", _diffusion_train, "text-to-image fine-tuning of a diffusion UNet (YAML "
                  "config)", "YAML file (see examples/diffusion_mnist_restuning.yaml)", "e.g. optim.max_steps=10")
     gen = sub.add_parser("generate", help="sample images (PLMS, classifier-free guidance) from a base model or runs")

@@ -29,10 +29,12 @@ _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, gt: float | None = None,
-           ge: float | None = None, choices: tuple | None = None) -> Any:
+           ge: float | None = None, choices: tuple | None = None, help: str | None = None) -> Any:
     """A dataclass field with bounds the typed reader enforces: `gt` (above), `ge` (at least), `choices`.
-    Bounds apply to numbers and to each item of a list; `None` always passes where the hint allows it."""
-    meta = {k: v for k, v in (("gt", gt), ("ge", ge), ("choices", choices)) if v is not None}
+    Bounds apply to numbers and to each item of a list; `None` always passes where the hint allows it.
+    `help` is the field's meaning, as `restuning config` and docs/configuration.md print it (with the type,
+    default and bounds, which come from the field itself)."""
+    meta = {k: v for k, v in (("gt", gt), ("ge", ge), ("choices", choices), ("help", help)) if v is not None}
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 
@@ -202,21 +204,15 @@ def read_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> dict
 
 @dataclass
 class TunerSpec(ConfigBase):
-    """One tuner choice for one op kind.
+    """One tuner choice for one op kind (a tuner name alone is read as `TunerSpec(name)`)."""
 
-    Args:
-        name: registry name of the tuner (`res_adapter`, `res_prefix`, `res_prompt`, `lora`,
-            `bitfit`, `ssf`).
-        dim: its size: adapter hidden size, number of prefix/prompt tokens, LoRA rank. `None`
-            takes the config-wide `dim`.
-        layers: indices of the blocks to tune; `None` takes the config-wide `layers`.
-        options: tuner-specific keyword arguments (e.g. `{"mode": "exact"}` for Res-Prefix).
-    """
-
-    name: str = "res_adapter"
-    dim: int | None = option(None, ge=1)
-    layers: list[int] | None = option(None, ge=0)
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = option("res_adapter", help="registry name of the tuner (listed under Tuners)")
+    dim: int | None = option(None, ge=1, help="its size: adapter hidden size, number of prefix/prompt tokens, LoRA "
+                             "rank; null takes the config-wide `dim`")
+    layers: list[int] | None = option(None, ge=0, help="indices of the blocks to tune; null takes the config-wide "
+                                      "`layers`")
+    options: dict[str, Any] = option(default_factory=dict, help="the tuner's own options, e.g. `{mode: exact}` for "
+                                     "res_prefix (listed under Tuners)")
 
     def validate(self) -> None:
         from .tuners import check_spec  # the registry of tuners sits above this module
@@ -245,42 +241,36 @@ def check_family(family: str | None, key: str = "family") -> None:
 
 @dataclass
 class ResTuningConfig(ConfigBase):
-    """Res-Tuning: tuners run in parallel to frozen ops, `x' = OP(x) + ResTuner(x)`.
+    """Res-Tuning: tuners run in parallel to frozen ops, `x' = OP(x) + ResTuner(x)`. Each field's meaning is its
+    `help` (`restuning config --method restuning` prints them all, as does docs/configuration.md)."""
 
-    Args:
-        mha / ffn / block: the tuner on each op kind, or `None` for none. A string is a tuner name.
-        xattn: the tuner on each cross-attention (queries from the tokens, keys and values from another
-            sequence: the text encoder states of a Stable Diffusion UNet), or `None` (default).
-        dim: default tuner size (paper: 10).
-        layers: default block indices to tune (`None`: all). Paper Tables 14-15 tune subsets.
-        target_modules: overrides where an op kind is found, by module name with PEFT's matching
-            rules (a string is a `re.fullmatch` pattern; a list matches exact names or `.suffix`).
-            Keys other than mha/ffn/block define custom op kinds, which need a tuner in `custom`.
-        custom: tuners for custom op kinds, e.g. `{"qv": "lora"}` with
-            `target_modules={"qv": r".*\\.(q_proj|v_proj)"}`.
-        modules_to_save: names (PEFT matching rules) of extra modules trained and saved in full,
-            such as a classification head.
-        family: force an op map (`vit`, `dinov2`, `bert`, `clip`, `convnext`, `resnet`, `efficientnet`,
-            `unet`, `unet_full`) instead of detecting it; `structural` forces the structural search.
-            A diffusers UNet is detected as `unet` (middle block and decoder, as in the paper);
-            `unet_full` adds its encoder (down blocks).
-        task_type: PEFT's task names (`SEQ_CLS`, `TOKEN_CLS`, `IMAGE_CLS`, `QUESTION_ANS`, `CAUSAL_LM`,
-            `SEQ_2_SEQ_LM`, `FEATURE_EXTRACTION`) or `None`: the task's usual head (`classifier`/`score`,
-            `qa_outputs`; none for language models and features, as in PEFT) joins `modules_to_save`
-            (restuning.tasks).
-    """
-
-    mha: TunerSpec | str | None = "res_adapter"
-    ffn: TunerSpec | str | None = "res_adapter"
-    block: TunerSpec | str | None = None
-    dim: int = option(10, ge=1)
-    layers: list[int] | None = option(None, ge=0)
-    target_modules: dict[str, str | list[str]] = field(default_factory=dict)
-    custom: dict[str, TunerSpec | str] = field(default_factory=dict)
-    modules_to_save: list[str] = field(default_factory=list)
-    family: str | None = None
-    xattn: TunerSpec | str | None = None
-    task_type: str | None = None
+    mha: TunerSpec | str | None = option("res_adapter", help="the tuner on every multi-head attention: a tuner name, "
+                                         "a TunerSpec mapping, or null for none")
+    ffn: TunerSpec | str | None = option("res_adapter", help="the tuner on every feed-forward network (as `mha`)")
+    block: TunerSpec | str | None = option(None, help="the tuner on every whole block (as `mha`)")
+    dim: int = option(10, ge=1, help="default tuner size: adapter hidden size, prefix/prompt tokens, LoRA rank "
+                      "(paper: 10)")
+    layers: list[int] | None = option(None, ge=0, help="default block indices to tune; null: all (paper Tables 14-15 "
+                                      "tune subsets)")
+    target_modules: dict[str, str | list[str]] = option(
+        default_factory=dict, help="op kind -> module names, overriding where it is found, with PEFT's matching rules "
+        "(a string is a `re.fullmatch` pattern; a list matches exact names or `.suffix`); keys other than "
+        "mha/ffn/block/xattn define custom op kinds, which need a tuner in `custom`")
+    custom: dict[str, TunerSpec | str] = option(
+        default_factory=dict, help="tuners for custom op kinds, e.g. `{qv: lora}` with "
+        "`target_modules: {qv: '.*\\.(q_proj|v_proj)'}`")
+    modules_to_save: list[str] = option(default_factory=list, help="names (PEFT matching rules) of extra modules "
+                                        "trained and saved in full, such as a classification head")
+    family: str | None = option(None, help="force an op map (a registered family, listed under Families) instead of "
+                                "detecting it; `structural` forces the structural search; a diffusers UNet is detected "
+                                "as `unet` (middle block and decoder, as in the paper), `unet_full` adds its encoder")
+    xattn: TunerSpec | str | None = option(None, help="the tuner on every cross-attention (queries from the tokens, "
+                                           "keys and values from another sequence: the text encoder states of a "
+                                           "Stable Diffusion UNet), as `mha`")
+    task_type: str | None = option(None, help="PEFT's task name (`SEQ_CLS`, `TOKEN_CLS`, `IMAGE_CLS`, `QUESTION_ANS`, "
+                                   "`CAUSAL_LM`, `SEQ_2_SEQ_LM`, `FEATURE_EXTRACTION`) or null: the task's usual "
+                                   "head (`classifier`/`score`, `qa_outputs`; none for language models and features, "
+                                   "as in PEFT) joins `modules_to_save` (restuning.tasks)")
 
     def validate(self) -> None:
         from .tasks import TASK_TYPES  # beside the model code that reads it

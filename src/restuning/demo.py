@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from .train.config import DataConfig, MethodConfig, OptimConfig, TrainConfig
 from .train.isolated import run_isolated
 
@@ -42,13 +44,19 @@ def demo_configs(output_dir: str | Path, quick: bool = False) -> list[TrainConfi
     return configs
 
 
-def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, json_path: str | Path | None = None
-             ) -> list[dict[str, Any]]:
-    """Run every (backbone, method) pair in its own process; print the table; optionally write JSON."""
+def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, json_path: str | Path | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Run every (backbone, method) pair in its own process, each with a progress bar (optimizer steps, elapsed
+    time and ETA; `progress=False`: one line per run instead); print the table; optionally write JSON."""
     rows = []
-    for config in demo_configs(output_dir, quick):
-        print(f"training {config.backbone} with {config.method.name} ...", flush=True)
-        result = run_isolated(config)
+    configs = demo_configs(output_dir, quick)
+    for i, config in enumerate(configs, 1):
+        name = f"[{i}/{len(configs)}] {config.backbone} {config.method.name}"
+        if progress:
+            result = _with_bar(config, name)
+        else:
+            print(f"{name}: training ...", flush=True)
+            result = run_isolated(config)
         rows.append({"backbone": config.backbone, "method": config.method.name, "accuracy": result["test_accuracy"],
                      "epochs": config.optim.epochs, **{k: result[k] for k in KEPT}})
     print()
@@ -65,6 +73,24 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, json_pat
         path.write_text(json.dumps({"rows": rows}, indent=2))
         print(f"wrote {path}")
     return rows
+
+
+def _with_bar(config: TrainConfig, name: str) -> dict[str, Any]:
+    """`run_isolated(config)` under a tqdm bar of its optimizer steps (`loading` until the run knows how many)."""
+    with tqdm(desc=name, total=None, unit="step", dynamic_ncols=True, postfix="loading") as bar:
+        def update(done: int, total: int | None) -> None:
+            if total is not None and bar.total != total:  # the run has loaded (the clock keeps its loading time)
+                bar.total = total
+                bar.set_postfix_str(f"{config.optim.epochs} epochs", refresh=False)
+            if done > bar.n:
+                bar.update(done - bar.n)
+            else:  # between steps (loading, caching features, evaluating): redraw, so the elapsed time goes on
+                bar.refresh()
+
+        result = run_isolated(config, progress=update)
+        if result.get("reused"):
+            bar.set_postfix_str("reused: finished before")
+    return result
 
 
 def _seconds(value: float | None) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .attention import additive_mask
+from .attention import additive_mask, rotate, split_heads
 from .errors import ConfigError
 from .ops import OpSite
 from .spatial import on_channels
@@ -157,15 +157,22 @@ class Attachment:
         return self._tuned(self._slot.pop("x"), output)
 
     # --- attention tuners: rewrite the per-head context before the output projection -----------
+    # The attention's own call is read by a pre-hook on its entry module (mask, causal flag, RoPE's cos/sin, the
+    # KV cache), its queries (and keys) by hooks on the projections, and the context is rewritten by a pre-hook on
+    # the output projection. Everything is kept in the slot of this call only, and cleared at the output projection.
     def _attach_attention(self) -> None:
         att = self.site.attention
         get = self.model.get_submodule
-        self.handles.append(get(att.query).register_forward_hook(self._keep("query")))
-        if self.tuner.needs_keys:
-            entry = get(self.site.entry)
-            self._mask_params = _mask_parameters(entry)
-            self.handles.append(entry.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-            self.handles.append(get(att.key).register_forward_hook(self._keep("key")))
+        entry = get(self.site.entry)
+        self._mask_params = _mask_parameters(entry)
+        self._layer_index = getattr(entry, "layer_idx", None)
+        self.handles.append(entry.register_forward_pre_hook(self._capture_call, with_kwargs=True))
+        if att.fused:
+            self.handles.append(get(att.query).register_forward_hook(self._keep_fused))
+        else:
+            self.handles.append(get(att.query).register_forward_hook(self._keep("query")))
+            if self.tuner.needs_keys:
+                self.handles.append(get(att.key).register_forward_hook(self._keep("key")))
         self.handles.append(get(att.out).register_forward_pre_hook(self._mix_context))
 
     def _keep(self, name: str):
@@ -175,7 +182,12 @@ class Attachment:
 
         return hook
 
-    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _keep_fused(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not self._stands_aside():
+            frozen = self.tuner._attention
+            self._slot["query"], self._slot["key"], _ = frozen.split_fused(output)
+
+    def _capture_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._stands_aside():
             return
         mask_index, default_causal = self._mask_params
@@ -184,25 +196,62 @@ class Attachment:
             mask = args[mask_index]
         self._slot["mask"] = mask
         self._slot["is_causal"] = bool(kwargs.get("is_causal", default_causal))
+        rope = kwargs.get("position_embeddings")
+        self._slot["rope"] = rope if isinstance(rope, tuple) and len(rope) == 2 else None
+        self._slot["cache"] = kwargs.get("past_key_values")
 
     def _mix_context(self, module: nn.Module, args: tuple) -> tuple | None:
         if self._stands_aside():
             return None
-        context, slot = args[0], self._slot
-        query, key = slot.pop("query"), slot.pop("key", None)
-        mask = None
-        if key is not None:
-            mask = additive_mask(slot.pop("mask"), slot.pop("is_causal"), query.shape[1], key.shape[1], query.device)
-        rows = self._rows()
-        if rows is None:
+        context, slot, att = args[0], self._slot, self.site.attention
+        try:
+            query = split_heads(slot["query"], att.num_heads)
+            rope = slot.get("rope")
+            if rope is not None:
+                query = rotate(query, *rope)
+            key = mask = None
+            if self.tuner.needs_keys:
+                key = split_heads(slot["key"], att.num_kv_heads)
+                if rope is not None:
+                    key = rotate(key, *rope)
+                if slot.get("cache") is not None:
+                    key = self._cached_keys(slot["cache"], key)
+                mask = additive_mask(slot.get("mask"), slot.get("is_causal", False), query.shape[2], key.shape[2],
+                                     query.device)
+                if mask is not None and mask.shape[-1] != key.shape[2]:
+                    raise RuntimeError(
+                        f"{self.site.key}: the attention mask covers {mask.shape[-1]} keys, the keys are "
+                        f"{key.shape[2]} (a sliding-window cache?); exact prefix/prompt mixing needs every key the "
+                        "scores see"
+                    )
+        finally:
+            slot.clear()
+        try:
+            rows = self._rows()
+            if rows is None:
+                with self._inside():
+                    return (self.tuner.mix(context, query, key, mask), *args[1:])
+            index = rows.index(context, self.site.exit)
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask[index]
             with self._inside():
-                return (self.tuner.mix(context, query, key, mask), *args[1:])
-        index = rows.index(context, self.site.exit)
-        if mask is not None and mask.shape[0] > 1:
-            mask = mask[index]
-        with self._inside():
-            mixed = self.tuner.mix(context[index], query[index], None if key is None else key[index], mask)
-        return (context.index_copy(0, index, mixed.to(context.dtype)), *args[1:])
+                mixed = self.tuner.mix(context[index], query[index], None if key is None else key[index], mask)
+            return (context.index_copy(0, index, mixed.to(context.dtype)), *args[1:])
+        finally:
+            slot.clear()  # what the tuner's own calls of the projections (Res-Prompt's keys) left there
+
+    def _cached_keys(self, cache: Any, new: torch.Tensor) -> torch.Tensor:
+        """Every key of this layer after the attention updated its KV cache with this call's keys `new`,
+        (B, H_kv, S, d): what its scores see."""
+        cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache
+        layers = getattr(cache, "layers", None)
+        if self._layer_index is None or layers is None or len(layers) <= self._layer_index:
+            raise RuntimeError(f"{self.site.key}: a KV cache was passed, but its keys for this layer cannot be read "
+                               f"(layer_idx={self._layer_index}, cache {type(cache).__name__})")
+        keys = layers[self._layer_index].keys
+        if keys is None or keys.dim() != 4 or keys.shape[2] < new.shape[2]:
+            raise RuntimeError(f"{self.site.key}: the KV cache holds no keys for layer {self._layer_index}")
+        return keys
 
 
 class Routing:

@@ -73,7 +73,19 @@ class ResTuningModel(ParameterReport, nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            found = getattr(self.base_model, name)
+            if name == "generate" and callable(found):  # a generative backbone's: takes `adapter_names=` as well
+                return functools.partial(self._generate, found)
+            return found
+
+    def _generate(self, generate: Any, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The backbone's `generate`; with `adapter_names` (one name per sample of the prompt batch), each sample's
+        every step runs through its own adapter, as in `forward` (the KV cache included). A batch that generation
+        widens (`num_beams`, `num_return_sequences`) no longer has one name per sample and is refused."""
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self._mixed_batch(list(adapter_names)):
+            return generate(*args, **kwargs)
 
     # --- the active adapter --------------------------------------------------------------------
     @property

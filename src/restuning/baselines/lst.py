@@ -29,19 +29,14 @@ METHOD = "lst"
 
 @dataclass
 class LSTConfig(ConfigBase):
-    """Args:
-    num_classes: size of the linear head.
-    reduction: side width = backbone width / reduction (LST: 8).
-    heads: side attention heads; temperature: T of the gates (LST: 0.1).
-    pooling: as in `BypassConfig` (auto | cls | mean); family: force an op map.
-    """
+    """LST's options."""
 
-    num_classes: int = option(2, ge=1)
-    reduction: int = option(8, ge=1)
-    heads: int = option(4, ge=1)
-    temperature: float = option(0.1, gt=0)
-    pooling: str = option("auto", choices=SIDE_POOLINGS)
-    family: str | None = None
+    num_classes: int = option(2, ge=1, help="size of the linear head; a run sets it from its data")
+    reduction: int = option(8, ge=1, help="side width = backbone width / reduction (LST: 8)")
+    heads: int = option(4, ge=1, help="attention heads of the side transformer")
+    temperature: float = option(0.1, gt=0, help="temperature T of the ladder gates (LST: 0.1)")
+    pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
+    family: str | None = option(None, help="force an op map (as `family` of restuning)")
 
     def validate(self) -> None:
         check_family(self.family)

@@ -25,21 +25,16 @@ METHOD = "side_tuning"
 
 @dataclass
 class SideTuningConfig(ConfigBase):
-    """Args:
-    num_classes: size of the linear head.
-    width: side transformer width (`None`: a quarter of the backbone's).
-    depth: side transformer layers; heads: its attention heads.
-    blend_init: initial `blend` logit (0: `a = 0.5`).
-    pooling: as in `BypassConfig` (auto | cls | mean); family: force an op map.
-    """
+    """Side-Tuning's options."""
 
-    num_classes: int = option(2, ge=1)
-    width: int | None = option(None, ge=1)
-    depth: int = option(2, ge=1)
-    heads: int = option(4, ge=1)
-    blend_init: float = 0.0
-    pooling: str = option("auto", choices=SIDE_POOLINGS)
-    family: str | None = None
+    num_classes: int = option(2, ge=1, help="size of the linear head; a run sets it from its data")
+    width: int | None = option(None, ge=1, help="side transformer width; null: a quarter of the backbone's")
+    depth: int = option(2, ge=1, help="side transformer layers")
+    heads: int = option(4, ge=1, help="attention heads of the side transformer")
+    blend_init: float = option(0.0, help="initial `blend`, `a = sigmoid(blend)` in `a * x_L + (1 - a) * side(x_0)` "
+                               "(0: a = 0.5)")
+    pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
+    family: str | None = option(None, help="force an op map (as `family` of restuning)")
 
     def validate(self) -> None:
         check_family(self.family)

@@ -27,13 +27,10 @@ from ..params import ParameterReport
 
 @dataclass
 class VPTShallowConfig(ConfigBase):
-    """Args:
-    tokens: prompt tokens joined at block 0 (VPT: 10 to 200).
-    family: force an op map.
-    """
+    """VPT-shallow's options."""
 
-    tokens: int = option(10, ge=1)
-    family: str | None = None
+    tokens: int = option(10, ge=1, help="prompt tokens joined at block 0 (VPT: 10 to 200)")
+    family: str | None = option(None, help="force an op map (as `family` of restuning)")
 
     def validate(self) -> None:
         check_family(self.family)

@@ -57,8 +57,10 @@ class FrozenBackbone(ParameterReport, nn.Module):
         raise NotImplementedError
 
     def features(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
-        """One backbone forward without autograd: [x_0, x_1, ...] as tapped (channels-first for CNNs)."""
-        return self.taps(lambda: self.base_model(*args, **kwargs))
+        """One backbone forward without autograd (through the plan's tower, where it names one): [x_0, x_1, ...]
+        as tapped (channels-first for CNNs)."""
+        runner = self.base_model.get_submodule(self.plan.call) if self.plan.call else self.base_model
+        return self.taps(lambda: runner(*args, **kwargs))
 
     def _retap(self, needed: int, first_token_only: bool) -> None:
         if len(self.taps.points) != needed or self.taps.first_token_only != first_token_only:

@@ -89,17 +89,31 @@ class MultiTaskBypass(FrozenBackbone):
         if task_ids is None:
             return {name: self._run(task, features, mask) for name, task in self.tasks.items()}
         names = self._task_names(task_ids, features[0].shape[0])
+        rows = {name: [i for i, n in enumerate(names) if n == name] for name in self.tasks}
         answers: list[torch.Tensor | None] = [None] * len(names)
-        for name, task in self.tasks.items():
-            rows = [i for i, n in enumerate(names) if n == name]
-            if not rows:
-                continue
-            index = torch.tensor(rows, device=features[0].device)
-            out = self._run(task, [f.index_select(0, index) for f in features],
-                            None if mask is None else mask.index_select(0, index))
-            for row, value in zip(rows, out, strict=True):
+        for name, out in self.answer(features, mask, rows).items():
+            for row, value in zip(rows[name], out, strict=True):
                 answers[row] = value
         return self._gather(answers)
+
+    def answer(self, features: list[torch.Tensor], mask: torch.Tensor | None,
+               rows: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+        """`{task: its answer for the samples rows[task]}` from tapped `features` (each (B, ...), from
+        `self.features`) of one backbone forward; a sample may go to several tasks, a task with no rows is
+        skipped. `mask`: the (B, L) attention mask of token backbones, or None."""
+        out = {}
+        for name, wanted in rows.items():
+            if not wanted:
+                continue
+            if name not in self.tasks:
+                raise ValueError(f"unknown task {name!r}; tasks are {list(self.tasks)}")
+            if len(wanted) == features[0].shape[0] and list(wanted) == list(range(len(wanted))):
+                out[name] = self._run(self.tasks[name], features, mask)
+                continue
+            index = torch.tensor(list(wanted), device=features[0].device)
+            out[name] = self._run(self.tasks[name], [f.index_select(0, index) for f in features],
+                                  None if mask is None else mask.index_select(0, index))
+        return out
 
     def _run(self, task: BypassTask, features: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         """One task's answer for the samples whose features are given."""

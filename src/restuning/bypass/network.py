@@ -179,4 +179,10 @@ def pool(b: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) 
             return b.mean(1)
         weights = attention_mask.to(b.dtype).unsqueeze(-1)
         return (b * weights).sum(1) / weights.sum(1).clamp_min(1)
-    raise ValueError(f"pooling: expected cls, mean or avg, got {how!r}")
+    if how == "last":
+        if attention_mask is None:
+            return b[:, -1]
+        positions = torch.arange(b.shape[1], device=b.device)
+        last = (attention_mask.to(b.device).long() * (positions + 1)).argmax(1)  # the last position whose mask is 1
+        return b[torch.arange(b.shape[0], device=b.device), last]
+    raise ValueError(f"pooling: expected cls, mean, avg or last, got {how!r}")

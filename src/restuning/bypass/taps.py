@@ -28,6 +28,7 @@ class TapPlan:
     pooling: str
     final_norm: str | None
     norm_after_pool: bool = False
+    call: str = ""  # the submodule the backbone is called through (a tower of a multi-tower model); "": the model
 
     @property
     def depth(self) -> int:
@@ -35,16 +36,25 @@ class TapPlan:
 
 
 def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
-    """Find the tapped layers of `model` (its blocks, or a CNN's stages) without touching it."""
+    """Find the tapped layers of `model` (its blocks, or a CNN's stages; within `config.tower` if set) without
+    touching it."""
+    root, prefix = model, ""
+    if config.tower:
+        try:
+            root, prefix = model.get_submodule(config.tower), config.tower + "."
+        except AttributeError as err:
+            raise OpMatchError(f"tower={config.tower!r}: no such submodule; top-level modules are "
+                               f"{[n for n, _ in model.named_children()]}") from err
     if config.taps is not None:
-        points = [n for n, _ in model.named_modules() if n and name_matches(n, config.taps)]
+        points = [n for n, _ in root.named_modules() if n and name_matches(n, config.taps)]
         if not points:
-            sample = [n for n, _ in model.named_modules() if n][:40]
+            sample = [n for n, _ in root.named_modules() if n][:40]
             raise OpMatchError(f"taps={config.taps!r} matched no module; module names include {sample}")
-        family = FAMILIES.get(config.family) if config.family else family_for_model(model)
+        family = FAMILIES.get(config.family) if config.family else family_for_model(root)
     else:
-        stacks = block_stacks(model, config.family)
-        family, points = stacks[0].family, _default_points(model, stacks)
+        stacks = block_stacks(root, config.family)
+        family, points = stacks[0].family, _default_points(root, stacks)
+    points = [prefix + p for p in points]
     layout = family.layout if family is not None else "tokens"
     first = widths(model.get_submodule(points[0]), f"tap {points[0]!r}")[0]
     outs = tuple(widths(model.get_submodule(p), f"tap {p!r}")[1] for p in points)
@@ -57,10 +67,11 @@ def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
         # The final norm comes after the last tapped layer (blocks may hold norms of the same name).
         names = [n for n, _ in model.named_modules()]
         after = names[names.index(points[-1]) + 1:]
-        hits = [n for n in after if re.fullmatch(family.final_norm, n) and not n.startswith(points[-1] + ".")]
+        hits = [n for n in after if re.fullmatch(family.final_norm, n) and not n.startswith(points[-1] + ".")
+                and n.startswith(prefix)]
         norm = hits[0] if hits else None
-    return TapPlan(tuple(points), (first, *outs), layout, _pooling(model, config.pooling, layout), norm,
-                   bool(family and family.norm_after_pool))
+    return TapPlan(tuple(points), (first, *outs), layout, _pooling(root, config.pooling, layout, family), norm,
+                   bool(family and family.norm_after_pool), config.tower or "")
 
 
 def is_unet(model: nn.Module) -> bool:
@@ -71,22 +82,33 @@ def is_unet(model: nn.Module) -> bool:
 
 def _default_points(model: nn.Module, stacks) -> list[str]:
     family = stacks[0].family
+    if family.layout == "tokens" and family.chained and len(stacks) > 1:
+        last_stage = re.escape(stacks[-1].name) + r"\.\d+"
+        raise OpMatchError(
+            f"the bypass carries one token sequence from layer to layer, but the stages of this {family.name} change "
+            f"the token count between {[s.name for s in stacks]}; tap the blocks of one stage, e.g. "
+            f"BypassConfig(taps={last_stage!r})"
+        )
     if family.taps is None:
         if len(stacks) > 1 and not family.chained:
+            towers = sorted({s.name.split(".")[0] for s in stacks})
             raise OpMatchError(
                 f"the bypass needs one chain of layers, but this model has {len(stacks)} block lists "
-                f"{[s.name for s in stacks]} (e.g. two towers); pass the tower, or name the taps with taps=[...]"
+                f"{[s.name for s in stacks]} (e.g. two towers); name the tower it reads, "
+                f"BypassConfig(tower={towers[0]!r}) (towers: {towers}), or the taps with taps=[...]"
             )
         return [f"{s.name}.{i}" for s in stacks for i in range(len(s.blocks))]
     containers = [n for n, m in model.named_modules() if re.fullmatch(family.taps, n)]
     return [f"{c}.{i}" for c in containers for i in range(len(model.get_submodule(c)))]
 
 
-def _pooling(model: nn.Module, pooling: str, layout: str) -> str:
+def _pooling(model: nn.Module, pooling: str, layout: str, family) -> str:
     if pooling != "auto":
         return pooling
     if layout == "map":
         return "avg"
+    if family is not None and family.causal:
+        return "last"
     params = [p for p in inspect.signature(model.forward).parameters if p != "self"]
     return "mean" if params and params[0] == "input_ids" else "cls"
 

@@ -54,18 +54,29 @@ def image_folder(path: str | Path, image_size: int) -> LabelledData:
 
 def load_image(path: str | Path) -> torch.Tensor:
     """One image file as RGB (3, H, W) in [0, 1]; a missing, truncated or undecodable file is a `DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    return _decode_image(path, str(path), "a complete image file")
+
+
+def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
+    """An encoded image (PNG, JPEG, ... bytes) as RGB (3, H, W) in [0, 1]; undecodable bytes are a `DataError`."""
+    import io
+
+    return _decode_image(io.BytesIO(data), where, "the bytes of a complete image file")
+
+
+def _decode_image(source, where: str, expected: str) -> torch.Tensor:
     from PIL import Image
 
-    path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             rgb = img.convert("RGB")  # decodes the whole file: a truncated one fails here, not later
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: no such image file") from err
     # PIL reports damaged files as OSError (UnidentifiedImageError, "image file is truncated"), and some
     # broken chunks as SyntaxError or ValueError.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: not a readable image ({err}); expected a complete image file "
+        raise DataError(f"{where}: not a readable image ({err}); expected {expected} "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))})") from err
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255

@@ -4,7 +4,7 @@ type checked before any work starts. Defaults follow paper Table 11 (AdamW, lr 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,90 +19,79 @@ MODES = ("caption", "subject")
 
 @dataclass
 class DiffusionDataConfig(ConfigBase):
-    """Args:
-        source: `mnist` (the shipped MNIST-5k, captioned "a photo of the digit 3"), `folder` (images with
-            same-named .txt captions) or `jsonl` (`{"image": path, "text": caption}` lines); the last two
-            need `path`.
-        resolution: images are resized (shorter side) and centre-cropped to this square; latents are
-            `resolution / 8` for SD (`/ 2` for the tiny pipeline).
-        center_crop: `false` squashes the image to a square instead of cropping.
-        random_flip: mirror each training image with probability 0.5.
-        mode: `caption` (each image's own caption) or `subject` (DreamBooth-style: every image is the one
-            subject of this task, prompted `template` with `token` and `class_name`; captions are ignored).
-        digits, per_digit: MNIST only: which digits (subject mode: exactly one, the task's class) and how
-            many images of each.
-        max_items: keep the first n images.
-        class_path: subject mode only: a folder of images of the subject's class, for DreamBooth's
-            prior-preservation loss (each batch adds as many class images, prompted "a photo of dog", and
-            the loss is the subject's MSE + `prior_loss_weight` x the class images' MSE). DreamBooth makes
-            them with the base model: `restuning generate --model <base> --prompt "a photo of dog" --out DIR`.
-        class_prompt: the class images' prompt; default: `template` without its token.
-    """
+    """The captioned images a diffusion run trains on (`data:`)."""
 
-    source: str = option("mnist", choices=SOURCES)
-    path: str | None = None
-    resolution: int = option(512, ge=1)
-    center_crop: bool = True
-    random_flip: bool = True
-    mode: str = option("caption", choices=MODES)
-    digits: list[int] | None = option(None, choices=tuple(range(10)))
-    per_digit: int | None = option(None, ge=1)
-    max_items: int | None = option(None, ge=1)
-    token: str = "sks"
-    class_name: str | None = None
-    template: str = SUBJECT_TEMPLATE
-    class_path: str | None = None
-    class_prompt: str | None = None
-    prior_loss_weight: float = option(1.0, gt=0)
+    source: str = option("mnist", choices=SOURCES, help="`mnist` (the shipped MNIST-5k, captioned \"a photo of the "
+                         "digit 3\"), `folder` (images with same-named .txt captions) or `jsonl` (`{\"image\": path, "
+                         "\"text\": caption}` lines); the last two need `path`")
+    path: str | None = option(None, help="the folder or JSONL file of `folder` and `jsonl`")
+    resolution: int = option(512, ge=1, help="images are resized (shorter side) and centre-cropped to this square; "
+                             "latents are `resolution / 8` for SD (`/ 2` for the tiny pipeline)")
+    center_crop: bool = option(True, help="false squashes the image to a square instead of cropping")
+    random_flip: bool = option(True, help="mirror each training image with probability 0.5")
+    mode: str = option("caption", choices=MODES, help="`caption` (each image's own caption) or `subject` "
+                       "(DreamBooth-style: every image is the one subject of this task, prompted `template` with "
+                       "`token` and `class_name`; captions are ignored)")
+    digits: list[int] | None = option(None, choices=tuple(range(10)), help="MNIST only: which digits (subject mode: "
+                                      "exactly one, the task's class); null: all")
+    per_digit: int | None = option(None, ge=1, help="MNIST only: images of each digit; null: all")
+    max_items: int | None = option(None, ge=1, help="keep the first n images; null: all")
+    token: str = option("sks", help="subject mode: the rare token that names the subject")
+    class_name: str | None = option(None, help="subject mode: the subject's class, e.g. `dog` (required except on "
+                                    "mnist)")
+    template: str = option(SUBJECT_TEMPLATE, help="subject mode: the prompt, with `{token}` and `{class_name}`")
+    class_path: str | None = option(None, help="subject mode: a folder of images of the subject's class, for "
+                                    "DreamBooth's prior-preservation loss (each batch adds as many class images; the "
+                                    "loss is the subject's MSE + `prior_loss_weight` x theirs); make them with the "
+                                    "base model: `restuning generate --model <base> --prompt \"a photo of dog\" --out "
+                                    "DIR`")
+    class_prompt: str | None = option(None, help="the class images' prompt; null: `template` without its token")
+    prior_loss_weight: float = option(1.0, gt=0, help="weight of the class images' loss (prior preservation)")
 
 
 @dataclass
 class DiffusionOptimConfig(ConfigBase):
-    """AdamW at a constant `lr`; `max_steps` (optimizer steps) ends the run before `epochs` do."""
+    """How a diffusion run optimizes (`optim:`): AdamW at a constant learning rate (paper Table 11)."""
 
-    lr: float = option(1e-4, gt=0)
-    weight_decay: float = option(1e-2, ge=0)
-    epochs: int = option(10, ge=1)
-    max_steps: int | None = option(None, ge=1)
-    batch_size: int = option(8, ge=1)
-    grad_accum: int = option(1, ge=1)
-    max_grad_norm: float | None = option(1.0, gt=0)
-    # no | bf16 | fp16: autocast, and the frozen VAE, text encoder and (all methods but `full`) UNet stored in
-    # that dtype, as diffusers' training scripts do; trainable weights and the optimizer stay float32.
-    mixed_precision: str = option("no", choices=PRECISIONS)
+    lr: float = option(1e-4, gt=0, help="AdamW's learning rate (constant)")
+    weight_decay: float = option(1e-2, ge=0, help="AdamW's weight decay")
+    epochs: int = option(10, ge=1, help="passes over the training images")
+    max_steps: int | None = option(None, ge=1, help="optimizer steps that end the run before `epochs` do; null: "
+                                   "`epochs` alone")
+    batch_size: int = option(8, ge=1, help="images per batch")
+    grad_accum: int = option(1, ge=1, help="batches per optimizer step (gradient accumulation)")
+    max_grad_norm: float | None = option(1.0, gt=0, help="clip the gradients' total norm to this; null: no "
+                                         "clipping")
+    mixed_precision: str = option("no", choices=PRECISIONS, help="`no`, `bf16` or `fp16`: autocast, and the frozen "
+                                  "VAE, text encoder and (all methods but `full`) UNet stored in that dtype, as "
+                                  "diffusers' training scripts do; trainable weights and the optimizer stay float32")
 
 
 @dataclass
 class DiffusionTrainConfig(ConfigBase):
-    """Args:
-        model: `tiny` (a small UNet and VAE built in code with the shipped MiniLM text encoder, offline) or
-            a Stable Diffusion v1.x folder in the diffusers layout (or its hub id, online).
-        method: `full`, `restuning` (`ResTuningConfig` fields; default: Res-Adapters on MHA and FFN of the
-            middle block and decoder, as the paper), `bypass` (`BypassConfig` fields) or `peft_lora`
-            (`peft.LoraConfig` fields; default rank 4 on to_q, to_k, to_v, to_out.0 of every attention).
-        output_dir: metrics.jsonl, checkpoints and the final weights (`final/`) go here (see
-            `restuning.train.rundir`); a run started again resumes there if its config is the same.
-        unit: `step` (optimizer steps) or `epoch`: what `log_every`, `eval_every` and `checkpoint_every`
-            count.
-        log_every: units per metrics.jsonl record.
-        eval_every: units between losses on a fixed batch (fixed noise and timesteps, so they are
-            comparable); 0: at the start and the end only.
-        eval_size: images in that fixed batch.
-        checkpoint_every: units between resumable checkpoints (`output_dir/checkpoints`; a run started
-            again goes on from there; a run that checkpoints also does so at its end); 0: none.
-    """
+    """One text-to-image run (`restuning diffusion-train --config`). Each field's meaning is its `help`
+    (`restuning config` prints them all, as does docs/configuration.md)."""
 
-    model: str = "tiny"
-    method: MethodConfig = field(default_factory=MethodConfig)
-    data: DiffusionDataConfig = field(default_factory=DiffusionDataConfig)
-    optim: DiffusionOptimConfig = field(default_factory=DiffusionOptimConfig)
-    seed: int = 0
-    output_dir: str = "runs/diffusion"
-    unit: str = option("step", choices=("epoch", "step"))
-    log_every: int = option(10, ge=1)
-    eval_every: int = option(0, ge=0)
-    eval_size: int = option(8, ge=1)
-    checkpoint_every: int = option(0, ge=0)
+    model: str = option("tiny", help="`tiny` (a small UNet and VAE built in code with the shipped MiniLM text "
+                        "encoder, offline) or a Stable Diffusion v1.x folder in the diffusers layout (or its hub id, "
+                        "online)")
+    method: MethodConfig = option(default_factory=MethodConfig, help="the training method and its options: `full`, "
+                                  "`restuning` (default: Res-Adapters on MHA and FFN of the middle block and decoder, "
+                                  "as the paper), `bypass` or `peft_lora` (default: rank 4 on to_q, to_k, to_v, "
+                                  "to_out.0 of every attention)")
+    data: DiffusionDataConfig = option(default_factory=DiffusionDataConfig, help="the captioned images")
+    optim: DiffusionOptimConfig = option(default_factory=DiffusionOptimConfig, help="the optimizer")
+    seed: int = option(0, help="seeds the initialisation, the noise and timesteps, and the batch order")
+    output_dir: str = option("runs/diffusion", help="metrics.jsonl, checkpoints and the final weights (`final/`) go "
+                             "here; a run started again resumes there if its config is the same")
+    unit: str = option("step", choices=("epoch", "step"), help="what `log_every`, `eval_every` and "
+                       "`checkpoint_every` count: `step` (optimizer steps) or `epoch`")
+    log_every: int = option(10, ge=1, help="units per metrics.jsonl record")
+    eval_every: int = option(0, ge=0, help="units between losses on a fixed batch (fixed noise and timesteps, so "
+                             "they are comparable); 0: at the start and the end only")
+    eval_size: int = option(8, ge=1, help="images in that fixed batch")
+    checkpoint_every: int = option(0, ge=0, help="units between resumable checkpoints (`checkpoints/`; a run that "
+                                   "checkpoints also does so at its end); 0: none")
 
     def validate(self) -> None:
         from ..methods import get_method  # the registry sits above the run config's module

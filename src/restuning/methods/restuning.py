@@ -7,6 +7,7 @@ the classifier's head under `head.*` beside the tuners.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ def _preset(name: str) -> Method:
         return build(backbone, preset_config(name, backbone, options), num_classes)
 
     # Saved as a plain `restuning` checkpoint of the resolved config, so it loads as one.
-    return Method(name, build_preset, parse=parse, save=save, load=load, summary=f"Res-Tuner preset {PRESETS[name]}")
+    summary = f"Res-Tuner preset {json.dumps(PRESETS[name])}; method.config: `restuning` options merged over it"
+    return Method(name, build_preset, parse=parse, save=save, load=load, summary=summary)
 
 
 register_method(Method("restuning", build, options=ResTuningConfig, tasks=("classification", "diffusion"),

@@ -16,7 +16,14 @@ from .matching import name_matches
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """Full module names of an MHA's projections, plus what the prefix/prompt tuners need."""
+    """Full module names of an MHA's projections, plus what the prefix/prompt tuners need.
+
+    `query == key == value` names one fused projection whose output is `[q; k; v]` (GPT-2's `c_attn`).
+    Queries have `num_heads` heads of `head_dim`, keys and values `num_kv_heads` (fewer under grouped-query
+    attention). `scale` multiplies the scores (None: `head_dim ** -0.5`). `exact`: the scores are
+    `softmax(Q K^T * scale + mask)` and nothing else, so prefix/prompt unbinding can be exact (False where the
+    attention adds relative-position terms: DeBERTa, Swin).
+    """
 
     query: str
     key: str
@@ -24,6 +31,14 @@ class AttentionSite:
     out: str
     norm: str | None
     num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float | None = None
+    exact: bool = True
+
+    @property
+    def fused(self) -> bool:
+        return self.query == self.key == self.value
 
 
 @dataclass(frozen=True)
@@ -46,10 +61,16 @@ class OpSite:
         return f"{self.kind}@{self.exit}".replace(".", "/")
 
 
-_Q = re.compile(r"(q|query|q_proj|to_q|q_lin)")
-_K = re.compile(r"(k|key|k_proj|to_k|k_lin)")
-_V = re.compile(r"(v|value|v_proj|to_v|v_lin)")
-_PRE_NORM = re.compile(r"(norm1|norm_1|ln_1|layernorm_before|layer_norm1|ln1|attention_norm)")
+_Q = re.compile(r"(q|query|q_proj|to_q|q_lin|query_proj)")
+_K = re.compile(r"(k|key|k_proj|to_k|k_lin|key_proj)")
+_V = re.compile(r"(v|value|v_proj|to_v|v_lin|value_proj)")
+# A fused projection whose output is [q; k; v] in thirds (GPT-2, timm). Names whose layout interleaves the heads
+# (BLOOM's and Falcon's `query_key_value`) are deliberately absent: splitting them in thirds would be wrong.
+_QKV = re.compile(r"(c_attn|qkv)")
+_PRE_NORM = re.compile(r"(norm1|norm_1|ln_1|layernorm_before|layer_norm1|ln1|attention_norm|input_layernorm)")
+# Signs that an attention adds position terms to its scores (relative-position biases) or normalises q/k after
+# projecting them: exact prefix/prompt unbinding from the projections' outputs does not hold there.
+_NOT_PLAIN = re.compile(r"(.*\.)?(relative_position\w*|pos_\w+|q_norm|k_norm)")
 
 
 def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
@@ -59,8 +80,8 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
     for the kinds without an override (and, when some are found, to number the override sites by
     block; a site outside every block has `layer=None`).
 
-    Raises OpMatchError (listing what was found) when an op kind that has a tuner matches nothing,
-    or when a match is ambiguous.
+    Raises OpMatchError (listing what was found, with a `target_modules` example that works for this model)
+    when an op kind that has a tuner matches nothing, or when a match is ambiguous.
     """
     specs = config.specs()
     stacks = _stacks_for(model, config, [kind for kind in specs if kind not in config.target_modules])
@@ -87,7 +108,8 @@ def find_ops(model: nn.Module, config: ResTuningConfig) -> list[OpSite]:
                 raise OpMatchError(f"{kind}.layers: {bad} out of range; the backbone has blocks 0..{depth - 1}")
             found = [s for s in found if s.layer in layers]
         if not found:
-            raise OpMatchError(f"no {kind} op matched; blocks found: {[s.name for s in stacks] or 'none'}")
+            raise OpMatchError(f"no {kind} op matched; blocks found: {[s.name for s in stacks] or 'none'}. "
+                               f"{target_modules_hint(model)}")
         sites.extend(found)
     return sites
 
@@ -108,30 +130,32 @@ def _stacks_for(model: nn.Module, config: ResTuningConfig, unnamed: list[str]) -
     try:
         return block_stacks(model, config.family)
     except OpMatchError as err:
-        raise OpMatchError(f"{err}\n{_target_modules_hint(model, unnamed)}") from err
+        raise OpMatchError(
+            f"{err}\nThe op kinds {unnamed} are looked up in blocks, and none were found. {target_modules_hint(model)}"
+        ) from err
 
 
-def _target_modules_hint(model: nn.Module, kinds: list[str]) -> str:
-    """What to write instead of relying on blocks: a config naming this model's own Linear layers."""
-    linears = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-    needs = f"op kinds {kinds} are looked up in blocks, and none were found."
-    if not linears:
-        return f"The {needs} Name the ops with target_modules (PEFT's matching rules)."
-    chosen = linears[:8]
+def target_modules_hint(model: nn.Module) -> str:
+    """What to write instead of relying on blocks or maps: two configs naming this model's own weight layers
+    (nn.Linear, transformers' Conv1D), which work on it as written."""
+    layers = [n for n, m in model.named_modules() if n and _weight_widths(m) is not None]
+    if not layers:
+        return "Name the ops with target_modules (PEFT's matching rules)."
+    chosen = layers[:8]
     exact = all(not name_matches(n, chosen) or n in chosen for n, _ in model.named_modules())
     target = chosen if exact else "|".join(re.escape(n) for n in chosen)
     return (
-        f"The {needs} Name the ops with target_modules instead; for example, a Res-Adapter in parallel to "
-        f"Linear layers of this model: ResTuningConfig(mha=None, ffn='res_adapter', target_modules={{'ffn': "
-        f"{target!r}}}), or LoRA on them: ResTuningConfig(mha=None, ffn=None, custom={{'lora': 'lora'}}, "
-        f"target_modules={{'lora': {target!r}}}). Linear layers: {linears[:40]}"
+        f"Name the ops with target_modules instead; for example, a Res-Adapter in parallel to weight layers of "
+        f"this model: ResTuningConfig(mha=None, ffn='res_adapter', target_modules={{'ffn': {target!r}}}), or LoRA "
+        f"on them: ResTuningConfig(mha=None, ffn=None, custom={{'lora': 'lora'}}, target_modules={{'lora': "
+        f"{target!r}}}). Weight layers: {layers[:40]}{' ...' if len(layers) > 40 else ''}"
     )
 
 
 @dataclass
 class BlockStack:
     """One list of blocks with the per-block map of its ops. `offset` numbers the blocks of chained
-    lists (the stages of a CNN) globally."""
+    lists (the stages of a CNN, of a Swin) globally."""
 
     model: nn.Module
     name: str
@@ -148,7 +172,8 @@ class BlockStack:
         if not self.has(kind):
             raise OpMatchError(
                 f"the {self.family.name} family has no {kind} op (a CNN has blocks only; xattn needs a "
-                "cross-attention); use block=..., or name modules with target_modules"
+                f"cross-attention); use block=..., or name modules with target_modules. "
+                f"{target_modules_hint(self.model)}"
             )
         return [self.site(kind, i) for i in range(len(self.blocks))]
 
@@ -164,14 +189,9 @@ class BlockStack:
         if kind == "xattn":
             attention = _attention_site(self.model, entry)
         elif kind == "mha":
-            attention = AttentionSite(
-                query=f"{prefix}.{fam.query}",
-                key=f"{prefix}.{fam.key}",
-                value=f"{prefix}.{fam.value}",
-                out=f"{prefix}.{fam.out}",
-                norm=f"{prefix}.{fam.norm}" if fam.norm else None,
-                num_heads=_num_heads(self.model, f"{prefix}.{fam.query}"),
-            )
+            attention = attention_site(
+                self.model, *(f"{prefix}.{n}" for n in (fam.query, fam.key, fam.value, fam.out)),
+                norm=f"{prefix}.{fam.norm}" if fam.norm else None, exact=fam.exact)
         return _make_site(self.model, kind, self.offset + i, entry, exit_, attention, prefix, fam.layout)
 
 
@@ -184,15 +204,25 @@ def _make_site(
     return OpSite(kind, layer, entry, exit_, in_features, out_features, attention, block, layout)
 
 
+def _weight_widths(module: nn.Module) -> tuple[int, int] | None:
+    """(input, output) width of one weight layer: a Linear, a Conv, or transformers' `Conv1D` (GPT-2's linear
+    layer, weight stored (in, out)); None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels, module.out_channels
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
+        return module.weight.shape[0], module.nf
+    return None
+
+
 def widths(module: nn.Module, where: str) -> tuple[int, int]:
     """(input, output) width of a module: the first weight layer's input, the last one's output
-    (features of a Linear, channels of a Conv)."""
-    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    (features of a Linear or a transformers Conv1D, channels of a Conv)."""
+    layers = [w for m in module.modules() if (w := _weight_widths(m)) is not None]
     if not layers:
         raise OpMatchError(f"{where}: no linear or convolution layer inside to read its width from")
-    first, last = layers[0], layers[-1]
-    return (getattr(first, "in_features", None) or first.in_channels,
-            getattr(last, "out_features", None) or last.out_channels)
+    return layers[0][0], layers[-1][1]
 
 
 def block_stacks(model: nn.Module, family: str | None = None) -> list[BlockStack]:
@@ -205,7 +235,7 @@ def block_stacks(model: nn.Module, family: str | None = None) -> list[BlockStack
         if family is not None:
             raise OpMatchError(
                 f"family {fam.name!r}: no ModuleList named like {fam.blocks!r}; ModuleLists found: "
-                f"{[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}"
+                f"{[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}. {target_modules_hint(model)}"
             )
     return _structural_stacks(model)
 
@@ -242,64 +272,100 @@ def _check_family_names(model: nn.Module, stack: BlockStack) -> None:
     if missing:
         raise OpMatchError(
             f"family map {fam.name!r} does not fit this model (transformers version?): block {prefix!r} has no "
-            f"{missing}; its modules are {sorted(p for p in present if p)}. Pass family='structural' or "
-            "target_modules to locate the ops."
+            f"{missing}; its modules are {sorted(p for p in present if p)}. Pass family='structural', or "
+            f"{target_modules_hint(model)}"
         )
 
 
 def _structural_stacks(model: nn.Module) -> list[BlockStack]:
-    """Blocks = ModuleLists of same-class children that each hold a q/k/v attention and an FFN."""
-    candidates = []
+    """Blocks = ModuleLists of same-class children that each hold one q/k/v attention and an FFN.
+
+    Every such list is tried; a list found inside another one that fits is not a list of blocks (it lives
+    in a block), while a list whose blocks hold several attentions (a Swin stage) gives way to the lists
+    inside it. Lists whose names differ only in an index (`encoder.layers.0.blocks`, `encoder.layers.1.blocks`)
+    run one after another: their blocks are numbered globally.
+    """
+    found, problems = [], []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if len({type(b) for b in mod}) != 1 or len(_linears(mod[0])) < 4:
+        if len({type(b) for b in mod}) != 1:
+            problems.append(f"{name}: children of several classes {sorted({type(b).__name__ for b in mod})}")
             continue
-        if any(name.startswith(c + ".") for c, _ in candidates):
+        count = len(_linears(mod[0]))
+        if count < 4:
+            problems.append(f"{name}: a block holds {count} weight layers (nn.Linear or Conv1D); an attention and "
+                            "an FFN need at least 4")
             continue
-        candidates.append((name, mod))
-    stacks, problems = [], []
-    for name, mod in candidates:
         try:
-            stacks.append(BlockStack(model, name, list(mod), _structural_map(mod[0], f"{name}.0")))
+            found.append((name, mod, _structural_map(model, mod[0], f"{name}.0")))
         except OpMatchError as err:
             problems.append(str(err))
-    if not stacks:
+    found = [f for f in found if not any(f[0].startswith(o[0] + ".") for o in found)]
+    if not found:
         lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
         names = [n for n, _ in model.named_modules() if n]
         raise OpMatchError(
             "could not find transformer blocks: no known family map for "
             f"model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}, and the structural "
             f"search found none. ModuleLists: {lists}. Problems: {problems}. Modules: {names[:40]}"
-            f"{' ...' if len(names) > 40 else ''}. Name the ops with target_modules."
+            f"{' ...' if len(names) > 40 else ''}."
         )
+    stacks, offsets = [], {}
+    for name, mod, fam in found:
+        chain = re.sub(r"\.\d+\.", ".#.", name)
+        stacks.append(BlockStack(model, name, list(mod), fam, offsets.get(chain, 0)))
+        offsets[chain] = offsets.get(chain, 0) + len(mod)
     return stacks
 
 
-def _structural_map(block: nn.Module, where: str) -> FamilyMap:
+def _structural_map(model: nn.Module, block: nn.Module, where: str) -> FamilyMap:
     linears = _linears(block)
-    q = _one(linears, _Q, where, "query")
-    k = _one(linears, _K, where, "key")
-    v = _one(linears, _V, where, "value")
+    widths_of = dict(linears)
     order = [n for n, _ in linears]
-    widths = dict(linears)
-    after_v = [n for n in order[order.index(v) + 1:] if n not in (q, k)]
-    out = next((n for n in after_v if widths[n].in_features == widths[v].out_features), None)
+    fused = [n for n in order if _QKV.fullmatch(n.rpartition(".")[2]) and widths_of[n][1] == 3 * widths_of[n][0]]
+    try:
+        q = _one(linears, _Q, where, "query")
+        k = _one(linears, _K, where, "key")
+        v = _one(linears, _V, where, "value")
+        query_width = widths_of[q][1]
+    except OpMatchError:
+        if len(fused) != 1:
+            raise
+        q = k = v = fused[0]
+        query_width = widths_of[q][1] // 3
+    # Position projections of a relative attention (DeBERTa's pos_key_proj) are neither output nor FFN layers.
+    after_v = [n for n in order[order.index(v) + 1:] if n not in (q, k) and not _NOT_PLAIN.fullmatch(n)]
+    out = next((n for n in after_v if widths_of[n][0] == query_width), None)
     if out is None:
-        raise OpMatchError(f"{where}: no output projection after {v!r}; linear layers: {order}")
-    after_out = order[order.index(out) + 1:]
-    hidden = widths[out].out_features
-    fc1 = next((n for n in after_out if widths[n].in_features == hidden and widths[n].out_features != hidden), None)
+        raise OpMatchError(f"{where}: no output projection (input width {query_width}) after {v!r}; "
+                           f"linear layers: {order}")
+    after_out = after_v[after_v.index(out) + 1:]
+    hidden = widths_of[out][1]
+    fc1 = next((n for n in after_out if widths_of[n][0] == hidden and widths_of[n][1] != hidden), None)
     fc2 = None if fc1 is None else next(
         (n for n in after_out[after_out.index(fc1) + 1:]
-         if widths[n].in_features == widths[fc1].out_features and widths[n].out_features == hidden), None)
+         if widths_of[n][0] == widths_of[fc1][1] and widths_of[n][1] == hidden), None)
     if fc2 is None:
         raise OpMatchError(f"{where}: no FFN (hidden -> wider -> hidden) after {out!r}; linear layers: {order}")
-    norms = [n for n, m in block.named_children() if isinstance(m, nn.LayerNorm) and _PRE_NORM.fullmatch(n)]
+    norms = [n for n, m in block.named_children() if _is_norm(m) and _PRE_NORM.fullmatch(n)]
+    attention = block.get_submodule(q.rpartition(".")[0]) if "." in q else block
     return FamilyMap(
         name="structural", model_types=(), blocks="", mha=_op_span(block, q, out), ffn=_op_span(block, fc1, fc2),
-        query=q, key=k, value=v, out=out, norm=norms[0] if len(norms) == 1 else None,
+        query=q, key=k, value=v, out=out, norm=norms[0] if len(norms) == 1 else None, exact=_plain_scores(attention),
     )
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _plain_scores(attention: nn.Module) -> bool:
+    """No sign of relative-position terms or of a q/k norm in this attention (see `_NOT_PLAIN`)."""
+    if getattr(attention, "relative_attention", False):
+        return False
+    names = [n for n, _ in attention.named_modules()] + [n for n, _ in attention.named_parameters()]
+    return not any(_NOT_PLAIN.fullmatch(n) for n in names if n)
 
 
 def _op_span(block: nn.Module, first: str, last: str) -> tuple[str, str]:
@@ -325,7 +391,8 @@ def _override_sites(
     names = [n for n, _ in model.named_modules() if n and name_matches(n, target)]
     if not names:
         sample = [n for n, _ in model.named_modules() if n][:40]
-        raise OpMatchError(f"target_modules[{kind!r}]={target!r} matched no module; module names include {sample}")
+        raise OpMatchError(f"target_modules[{kind!r}]={target!r} matched no module; module names include {sample}. "
+                           f"{target_modules_hint(model)}")
     nested = [(a, b) for a in names for b in names if b.startswith(a + ".")]
     if nested:
         raise OpMatchError(
@@ -351,12 +418,33 @@ def _attention_inside(model: nn.Module, name: str) -> AttentionSite | None:
 def _attention_site(model: nn.Module, name: str) -> AttentionSite:
     """The attention whose q/k/v/out projections are found by name inside module `name`; no norm
     (a cross-attention's keys come from another sequence, and an override names no norm)."""
+    module = _get(model, name)
     try:
-        fam = _structural_map_attention(_get(model, name))
+        fam = _structural_map_attention(module)
     except OpMatchError as err:
         raise OpMatchError(f"{name}: not an attention with q/k/v and one output projection ({err})") from err
     q, k, v, out = (f"{name}.{n}" for n in fam)
-    return AttentionSite(q, k, v, out, None, _num_heads(model, q))
+    return attention_site(model, q, k, v, out, None, _plain_scores(module))
+
+
+def attention_site(model: nn.Module, query: str, key: str, value: str, out: str, norm: str | None,
+                   exact: bool = True) -> AttentionSite:
+    """The AttentionSite of projections named in `model`: head counts, head size and score scale read from
+    the attention module (the parent of `query`) or the model config, else from the projections' widths."""
+    heads = _num_heads(model, query)
+    attention = _get(model, query.rpartition(".")[0])
+    q_width = widths(_get(model, query), query)[1]
+    if query == key == value:
+        kv_heads = _attr_int(attention, model, ("num_key_value_heads", "num_kv_heads")) or heads
+        head_dim = q_width // (heads + 2 * kv_heads)
+    else:
+        head_dim = q_width // heads
+        kv_heads = widths(_get(model, key), key)[1] // head_dim
+    if heads % kv_heads:
+        raise OpMatchError(f"{query}: {heads} query heads do not group evenly over {kv_heads} key/value heads")
+    scale = getattr(attention, "scaling", None)
+    return AttentionSite(query, key, value, out, norm, heads, kv_heads, head_dim,
+                         float(scale) if isinstance(scale, (int, float)) else None, exact)
 
 
 def _structural_map_attention(module: nn.Module) -> tuple[str, str, str, str]:
@@ -376,7 +464,7 @@ def _layer_of(name: str, stacks: list[BlockStack]) -> tuple[int | None, str | No
     return None, None, None
 
 
-def _one(linears: list[tuple[str, nn.Linear]], pattern: re.Pattern, where: str, role: str) -> str:
+def _one(linears: list[tuple[str, tuple[int, int]]], pattern: re.Pattern, where: str, role: str) -> str:
     hits = [n for n, _ in linears if pattern.fullmatch(n.rpartition(".")[2])]
     if len(hits) != 1:
         raise OpMatchError(
@@ -387,20 +475,30 @@ def _one(linears: list[tuple[str, nn.Linear]], pattern: re.Pattern, where: str, 
 
 def _num_heads(model: nn.Module, query_name: str) -> int:
     parent = _get(model, query_name.rpartition(".")[0])
-    for attr in ("num_attention_heads", "num_heads", "heads", "n_heads"):
-        value = getattr(parent, attr, None)
-        if isinstance(value, int):
+    value = _attr_int(parent, model, ("num_attention_heads", "num_heads", "heads", "n_heads"))
+    if value is None:
+        raise OpMatchError(f"{query_name}: cannot tell the number of attention heads")
+    return value
+
+
+def _attr_int(module: nn.Module, model: nn.Module, attrs: tuple[str, ...]) -> int | None:
+    """The first integer attribute of `module` among `attrs`, else of the model's config."""
+    for attr in attrs:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-    value = getattr(getattr(model, "config", None), "num_attention_heads", None)
-    if isinstance(value, int):
-        return value
-    raise OpMatchError(f"{query_name}: cannot tell the number of attention heads")
+    config = getattr(model, "config", None)
+    for attr in attrs:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
-def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
-    if isinstance(module, nn.Linear):
-        return [("", module)]
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+def _linears(module: nn.Module) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (in, out)) of every weight layer (nn.Linear, transformers Conv1D) inside `module`."""
+    return [(n, w) for n, m in module.named_modules()
+            if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (w := _weight_widths(m)) is not None]
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -414,5 +512,5 @@ def describe(sites: Iterable[OpSite]) -> str:
     return "\n".join(f"{s.kind:>6} layer {s.layer}: {s.entry} -> {s.exit}" for s in sites)
 
 
-__all__ = ["AttentionSite", "BlockStack", "OpMatchError", "OpSite", "OP_KINDS", "block_stacks", "describe",
-           "find_ops", "widths"]
+__all__ = ["AttentionSite", "BlockStack", "OpMatchError", "OpSite", "OP_KINDS", "attention_site", "block_stacks",
+           "describe", "find_ops", "target_modules_hint", "widths"]

@@ -37,6 +37,11 @@ class FamilyMap:
     # transformer blocks). Each part numbers its blocks on its own.
     parts: tuple[FamilyMap, ...] = ()
     block_op: bool = True  # False: the blocks are not themselves "block" ops, only their inner ops are
+    # The attention's scores are softmax(Q K^T * scale + mask) and nothing else, so prefix/prompt unbinding can be
+    # exact; False where relative-position terms join them (DeBERTa, Swin).
+    exact: bool = True
+    # A decoder (causal LM): a sequence is read at its last non-padding token, not at a CLS token or by a mean.
+    causal: bool = False
 
 
 # Shared parts of the maps below.
@@ -88,6 +93,64 @@ FAMILIES: dict[str, FamilyMap] = {
             out="self_attn.out_proj",
             norm="layer_norm1",
             final_norm=r"(.*\.)?(final_layer_norm|post_layernorm)",
+        ),
+        FamilyMap(
+            # DeBERTa-v2/v3: BERT's layout with `*_proj` names; its disentangled attention adds relative-position
+            # terms to the scores and scales them by sqrt(d * (1 + #position terms)).
+            name="deberta_v2",
+            model_types=("deberta-v2",),
+            blocks=r"(.*\.)?encoder\.layer",
+            mha=("attention.self", "attention.output.dense"),
+            ffn=("intermediate", "output.dense"),
+            query="attention.self.query_proj",
+            key="attention.self.key_proj",
+            value="attention.self.value_proj",
+            out="attention.output.dense",
+            norm=None,
+            exact=False,
+        ),
+        FamilyMap(
+            # Llama-style decoders (Llama 2/3, Mistral, Qwen2): pre-RMSNorm, grouped-query attention with RoPE
+            # applied after the projections, a gated FFN.
+            name="llama",
+            model_types=("llama", "mistral", "qwen2"),
+            blocks=r"(.*\.)?layers",
+            mha=("self_attn", "self_attn"),
+            ffn=("mlp", "mlp"),
+            query="self_attn.q_proj",
+            key="self_attn.k_proj",
+            value="self_attn.v_proj",
+            out="self_attn.o_proj",
+            norm="input_layernorm",
+            final_norm=r"(.*\.)?norm",
+            causal=True,
+        ),
+        FamilyMap(
+            # GPT-2: transformers' Conv1D layers; `c_attn` is one fused projection whose output is [q; k; v].
+            name="gpt2",
+            model_types=("gpt2",),
+            blocks=r"(.*\.)?h",
+            mha=("attn", "attn"),
+            ffn=("mlp", "mlp"),
+            query="attn.c_attn",
+            key="attn.c_attn",
+            value="attn.c_attn",
+            out="attn.c_proj",
+            norm="ln_1",
+            final_norm=r"(.*\.)?ln_f",
+            causal=True,
+        ),
+        FamilyMap(
+            # Swin: stages of several blocks, run one after another (blocks numbered globally); windowed attention
+            # with a relative-position bias; a stage ends with a patch merging that changes the token count.
+            name="swin",
+            model_types=("swin",),
+            blocks=r"(.*\.)?encoder\.layers\.\d+\.blocks",
+            **_VISION_ATTENTION,
+            norm="layernorm_before",
+            chained=True,
+            exact=False,
+            final_norm=r"(.*\.)?layernorm",
         ),
         FamilyMap(
             name="convnext",

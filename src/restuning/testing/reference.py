@@ -23,8 +23,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..attention import split_heads
 from ..hooks import add_to_output, extend_mask, first_input, output_tensor, with_input
-from ..ops import OpSite
+from ..ops import OpSite, widths
 from ..tuners import OpContext, ResAdapter
 
 _BOUND_NAME = "restuning_bound_prefix"
@@ -32,10 +33,15 @@ _PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention 
 
 
 def _bound_prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own attention with the prefix joined in front of the keys and values it receives: (B, H_kv,
+    S, d) after RoPE and after the KV cache update, so prefix keys carry no position and never enter the cache."""
     holder, key_name, impl = _PREFIXES[module]
-    k_pre, v_pre = holder.prefix_key[key_name][None], holder.prefix_value[key_name][None]
-    if kwargs.get("is_causal") or (attention_mask is None and getattr(module, "is_causal", False)):
-        raise NotImplementedError("the bound prefix reference is for bidirectional encoders")
+    k_pre, v_pre = holder.prefix(key_name)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    if attention_mask is None and causal and query.shape[2] > 1:  # SDPA's is_causal shortcut: spell the mask out
+        t, s = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)[None, None]
     b = key.shape[0]
     key = torch.cat([k_pre.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)
     value = torch.cat([v_pre.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
@@ -59,20 +65,19 @@ def _register_bound(impl: str) -> str:
 
 
 class BoundPrefixTuning(nn.Module):
-    """Prefix tuning: per MHA, K_pre and V_pre of shape (H, n, d) joined to the keys and values."""
+    """Prefix tuning: per MHA, K_pre and V_pre of shape (H_kv, n, d) joined to the keys and values (under
+    grouped-query attention each prefix head serves its group of query heads, as a cached key would)."""
 
     def __init__(self, model: nn.Module, sites: list[OpSite], tokens: int):
         super().__init__()
         self.model = [model]  # a list, so the backbone is not a submodule of this holder
-        self.prefix_key, self.prefix_value = nn.ParameterDict(), nn.ParameterDict()
+        self._init_parameters()
         self._configs = []
         for site in sites:
             att = site.attention
             module = model.get_submodule(att.query.rpartition(".")[0])
             query = model.get_submodule(att.query)
-            heads, d, dtype = att.num_heads, query.out_features // att.num_heads, query.weight.dtype
-            self.prefix_key[site.key] = nn.Parameter(torch.randn(heads, tokens, d, dtype=dtype) * 0.02)
-            self.prefix_value[site.key] = nn.Parameter(torch.randn(heads, tokens, d, dtype=dtype))
+            self._add_prefix(site, tokens, query.weight.dtype)
             impl = module.config._attn_implementation
             _PREFIXES[module] = (self, site.key, impl)
             if all(c is not module.config for c, _ in self._configs):
@@ -80,12 +85,55 @@ class BoundPrefixTuning(nn.Module):
         for config, impl in self._configs:
             config._attn_implementation = _register_bound(impl)
 
+    def _init_parameters(self) -> None:
+        self.prefix_key, self.prefix_value = nn.ParameterDict(), nn.ParameterDict()
+
+    def _add_prefix(self, site: OpSite, tokens: int, dtype: torch.dtype) -> None:
+        att = site.attention
+        shape = (att.num_kv_heads, tokens, att.head_dim)
+        self.prefix_key[site.key] = nn.Parameter(torch.randn(shape, dtype=dtype) * 0.02)
+        self.prefix_value[site.key] = nn.Parameter(torch.randn(shape, dtype=dtype))
+
+    def prefix(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values of the MHA `key`, (1, H_kv, n, d) each."""
+        return self.prefix_key[key][None], self.prefix_value[key][None]
+
     def forward(self, *args, **kwargs):
         return self.model[0](*args, **kwargs)
 
     def remove(self) -> None:
         for config, impl in self._configs:
             config._attn_implementation = impl
+
+
+class BoundDeepPrompt(BoundPrefixTuning):
+    """Deep prompt tuning as a decoder takes it: per MHA, prompt tokens (n, D) go through that layer's frozen
+    pre-norm and key/value projections, and their keys and values join the attention's own, without a position
+    (RoPE never rotates them) and outside the KV cache. For the real tokens this is VPT-deep's effect (prompts
+    joined to the block input, their own outputs dropped) with position-free prompts."""
+
+    def _init_parameters(self) -> None:
+        self.prompts, self._projections = nn.ParameterDict(), {}
+
+    def _add_prefix(self, site: OpSite, tokens: int, dtype: torch.dtype) -> None:
+        att = site.attention
+        model = self.model[0]
+        width = widths(model.get_submodule(att.key), att.key)[0]
+        self.prompts[site.key] = nn.Parameter(torch.randn(tokens, width, dtype=dtype))
+        get = model.get_submodule
+        self._projections[site.key] = (att, get(att.norm) if att.norm else None, get(att.key), get(att.value))
+
+    def prefix(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        att, norm, k_proj, v_proj = self._projections[key]
+        tokens = self.prompts[key][None]
+        if norm is not None:
+            tokens = norm(tokens)
+        if att.fused:
+            k = k_proj(tokens)[..., att.num_heads * att.head_dim:]
+            k, v = k.split(att.num_kv_heads * att.head_dim, dim=-1)
+        else:
+            k, v = k_proj(tokens), v_proj(tokens)
+        return split_heads(k, att.num_kv_heads), split_heads(v, att.num_kv_heads)
 
 
 class _HookedReference(nn.Module):

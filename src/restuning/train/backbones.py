@@ -65,7 +65,10 @@ def load_backbone(name: str) -> Backbone:
     if first == "input_ids":
         from transformers import AutoTokenizer
 
-        return Backbone(name, model, "text", "input_ids", AutoTokenizer.from_pretrained(name))
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # most causal LMs: pad with EOS (the
+            tokenizer.pad_token = tokenizer.eos_token  # mask hides it; decoders read the last real token)
+        return Backbone(name, model, "text", "input_ids", tokenizer)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     try:
         from transformers import AutoImageProcessor

@@ -4,7 +4,7 @@ decay 0.05, cosine schedule with warm-up, batch 32)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,96 +19,79 @@ PRECISIONS = ("no", "bf16", "fp16")
 
 @dataclass
 class DataConfig(ConfigBase):
-    """Args:
-        name: a shipped set (`mnist`, `digits`, `tweets`) or a source (`image_folder`, `text_table`
-            for CSV/JSONL, `hf` for a local Hugging Face dataset), which needs `path`.
-        shots: k examples per class for training (few-shot protocol), else `train_size` examples.
-        train_size: training examples (e.g. 1000 for VTAB-1k style); `None`: all not held out.
-        validation: tune on a VTAB-1k-style split: train on 80% of the training examples (800 of
-            1000) and evaluate on the other 20% (200) instead of the test split; then set it false
-            to train on all of them.
-        test_size: held-out examples (count) for evaluation.
-        eval_sets: extra shipped sets to evaluate on, e.g. `[digits]` (domain generalisation).
-        image_size, augment: images are resized to `image_size`; `augment` adds RandomResizedCrop and
-            a horizontal flip to training batches.
-        max_length: tokens per text.
-    """
+    """What a classification run trains and evaluates on (`data:` of a run config)."""
 
-    name: str = option("mnist", choices=DATA_NAMES)
-    path: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    shots: int | None = option(None, ge=1)
-    train_size: int | None = option(None, ge=1)
-    validation: bool = False
-    test_size: int = option(1000, ge=1)
-    eval_sets: list[str] = option(default_factory=list, choices=SHIPPED_SETS)
-    image_size: int = option(56, ge=1)
-    augment: bool = False
-    max_length: int = option(32, ge=1)
+    name: str = option("mnist", choices=DATA_NAMES, help="a shipped set (`mnist`, `digits`, `tweets`) or a source of "
+                       "your own: `image_folder` (one subfolder of images per class), `text_table` (CSV or JSONL of "
+                       "texts and labels), `hf` (a local Hugging Face dataset); a source needs `path`")
+    path: str | None = option(None, help="the folder or file of `image_folder`, `text_table` and `hf`")
+    text_column: str = option("text", help="the texts' column of a `text_table` or `hf` table")
+    label_column: str = option("label", help="the labels' column (names or integers) of a `text_table` or `hf` table")
+    shots: int | None = option(None, ge=1, help="k examples per class for training (few-shot protocol); null: "
+                               "`train_size` examples")
+    train_size: int | None = option(None, ge=1, help="training examples (e.g. 1000 for VTAB-1k style); null: all "
+                                    "those not held out for testing")
+    validation: bool = option(False, help="tune on a VTAB-1k-style split: train on 80% of the training examples and "
+                              "evaluate on the other 20% instead of the test split; then set it false to train on "
+                              "all of them")
+    test_size: int = option(1000, ge=1, help="held-out examples for evaluation")
+    eval_sets: list[str] = option(default_factory=list, choices=SHIPPED_SETS, help="extra shipped sets to evaluate "
+                                  "on, e.g. `[digits]` (domain generalisation)")
+    image_size: int = option(56, ge=1, help="images are resized to this square")
+    augment: bool = option(False, help="RandomResizedCrop and a horizontal flip on training images")
+    max_length: int = option(32, ge=1, help="tokens per text (longer texts are truncated)")
 
 
 @dataclass
 class OptimConfig(ConfigBase):
-    """AdamW at `lr` with `weight_decay`, a linear warm-up over `warmup_epochs` then cosine decay;
-    `grad_accum` batches per optimizer step; `mixed_precision`: no | bf16 | fp16 (autocast); `max_grad_norm`
-    clips the gradients' total norm (None: no clipping)."""
+    """How a classification run optimizes (`optim:`): paper Table 10's AdamW with warm-up then cosine decay."""
 
-    lr: float = option(1e-3, gt=0)
-    weight_decay: float = option(0.05, ge=0)
-    epochs: int = option(100, ge=1)
-    warmup_epochs: float = option(10, ge=0)
-    batch_size: int = option(32, ge=1)
-    grad_accum: int = option(1, ge=1)
-    mixed_precision: str = option("no", choices=PRECISIONS)
-    max_grad_norm: float | None = option(None, gt=0)
+    lr: float = option(1e-3, gt=0, help="AdamW's peak learning rate")
+    weight_decay: float = option(0.05, ge=0, help="AdamW's weight decay")
+    epochs: int = option(100, ge=1, help="passes over the training examples")
+    warmup_epochs: float = option(10, ge=0, help="epochs of linear warm-up before the cosine decay (may be a "
+                                  "fraction)")
+    batch_size: int = option(32, ge=1, help="examples per batch")
+    grad_accum: int = option(1, ge=1, help="batches per optimizer step (gradient accumulation)")
+    mixed_precision: str = option("no", choices=PRECISIONS, help="autocast: `no`, `bf16` or `fp16`")
+    max_grad_norm: float | None = option(None, gt=0, help="clip the gradients' total norm to this; null: no "
+                                         "clipping")
 
 
 @dataclass
 class MethodConfig(ConfigBase):
-    """`name`: a registered method (`restuning.methods.names()`); `config`: the method's options, checked
-    against the method's options dataclass when the run config loads.
+    """The training method (`method:`), one of the registered methods; its options are checked against the
+    method's options when the run config loads (`restuning config` lists every method's)."""
 
-    - restuning: the fields of `ResTuningConfig`; bypass: of `BypassConfig`; side_tuning: of
-      `SideTuningConfig`; lst: of `LSTConfig`; peft_lora: `peft.LoraConfig` fields.
-    - adapter, prefix, vpt_deep, lora, ssf, adaptformer, mam: Res-Tuner presets
-      (`restuning.baselines.PRESETS`), with `ResTuningConfig` fields merged over them.
-    - vpt_shallow: `tokens` (default 10). linear, full, bitfit: no options.
-    """
-
-    name: str = "restuning"
-    config: dict[str, Any] = field(default_factory=dict)
+    name: str = option("restuning", help="a registered method (listed under Methods)")
+    config: dict[str, Any] = option(default_factory=dict, help="the method's options (listed under Methods)")
 
 
 @dataclass
 class TrainConfig(ConfigBase):
-    """Args:
-        backbone: a shipped asset (`all-MiniLM-L6-v2`, `dinov2-small`, `efficientnet-lite0`), a Hugging
-            Face id, or a local model folder.
-        output_dir: metrics.jsonl, checkpoints and the final tuned weights go here (see
-            `restuning.train.rundir`); a run started again resumes there if its config is the same.
-        unit: `epoch` or `step` (optimizer steps): what `log_every`, `eval_every` and `checkpoint_every`
-            count; records and checkpoints of `epoch` runs come at epoch ends.
-        log_every: units between metrics.jsonl records with the training loss.
-        eval_every: units between evaluations; 0: at the end only (the last unit always evaluates).
-        checkpoint_every: units between resumable checkpoints (`checkpoints/`; a run that checkpoints also
-            does so at its end); 0: none.
-        feature_cache: train methods that never back-propagate into the backbone (bypass, side_tuning,
-            lst) from backbone features computed once, when the inputs are not augmented. `False` runs the
-            backbone at every step (the same results; less memory, more time).
-    """
+    """One classification run (`restuning train --config`). Each field's meaning is its `help` (`restuning
+    config` prints them all, as does docs/configuration.md)."""
 
-    backbone: str = "dinov2-small"
-    method: MethodConfig = field(default_factory=MethodConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    seed: int = 0
-    output_dir: str = "runs/run"
-    unit: str = option("epoch", choices=("epoch", "step"))
-    log_every: int = option(1, ge=1)
-    eval_every: int = option(1, ge=0)
-    checkpoint_every: int = option(1, ge=0)
-    feature_cache: bool = True
+    backbone: str = option("dinov2-small", help="a shipped asset (`all-MiniLM-L6-v2`, `dinov2-small`, "
+                           "`efficientnet-lite0`), a Hugging Face id, or a local model folder")
+    method: MethodConfig = option(default_factory=MethodConfig, help="the training method and its options")
+    data: DataConfig = option(default_factory=DataConfig, help="what the run trains and evaluates on")
+    optim: OptimConfig = option(default_factory=OptimConfig, help="the optimizer and its schedule")
+    seed: int = option(0, help="seeds the data split, the initialisation and the batch order")
+    output_dir: str = option("runs/run", help="metrics.jsonl, checkpoints and the final tuned weights (`final/`) go "
+                             "here; a run started again resumes there if its config is the same")
+    unit: str = option("epoch", choices=("epoch", "step"), help="what `log_every`, `eval_every` and "
+                       "`checkpoint_every` count: `epoch`, or `step` (optimizer steps); records and checkpoints of "
+                       "`epoch` runs come at epoch ends")
+    log_every: int = option(1, ge=1, help="units between metrics.jsonl records of the training loss")
+    eval_every: int = option(1, ge=0, help="units between evaluations; 0: at the end only (the last unit always "
+                             "evaluates)")
+    checkpoint_every: int = option(1, ge=0, help="units between resumable checkpoints (`checkpoints/`; a run that "
+                                   "checkpoints also does so at its end); 0: none")
+    feature_cache: bool = option(True, help="train methods that never back-propagate into the backbone (bypass, "
+                                 "side_tuning, lst) from backbone features computed once, when the inputs are not "
+                                 "augmented; false runs the backbone at every step (the same results; less memory, "
+                                 "more time)")
 
     def validate(self) -> None:
         from ..methods import get_method  # the registry sits above the run config's module

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,9 @@ class TrainingLoop:
 
     model: nn.Module
     num_examples: int
+    # Called with (optimizer steps done, steps in all) when training starts and after every optimizer step, on
+    # the main process: progress shown elsewhere (`restuning demo` draws the bar of a run in another process).
+    on_step: Callable[[int, int], None] | None = None
 
     def __init__(self, settings: LoopSettings, progress: bool = True):
         self.settings, self.progress = settings, progress
@@ -248,6 +252,9 @@ class TrainingLoop:
         """Train from `at` to `total` optimizer steps; the last record, or None if stopped early."""
         s, acc, cadence = self.settings, self.accelerator, self.settings.cadence
         bar = tqdm(total=total, initial=at.steps, desc="training", disable=not (self.progress and acc.is_main_process))
+        report = self.on_step if acc.is_main_process else None
+        if report is not None:
+            report(at.steps, total)
         done, timed, began = 0, 0, time.perf_counter()
         bad: str | None = None  # a non-finite loss since the last optimizer step
         try:
@@ -276,6 +283,8 @@ class TrainingLoop:
                         at.epoch, at.batch = epoch, batch + 1
                         bar.update(1)
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", epoch=epoch + 1)
+                        if report is not None:
+                            report(at.steps, total)
                         end_of_epoch = at.batch == len(loader)
                         if end_of_epoch:
                             at.epoch, at.batch = epoch + 1, 0

@@ -12,15 +12,16 @@ _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": n
 
 @register_tuner("res_adapter")
 class ResAdapter(ResTuner):
-    """Args:
-    dim: bottleneck width (paper default 10).
-    act: gelu | relu | silu | identity.
-    scale: fixed multiplier of the delta.
-    reads: "input" (the free Res-Tuner, reads the op's input) or "output" (reads OP(x): the exact
-        parallel form of a serial Houlsby adapter placed after the op, paper eq. 6).
-    """
+    """`up(act(down(x)))`, scaled; its options' meanings are in `option_help`."""
 
     option_choices = {"act": tuple(_ACTIVATIONS), "reads": ("input", "output")}
+    option_help = {
+        "dim": "bottleneck width (paper default 10)",
+        "act": "the activation between down and up",
+        "scale": "fixed multiplier of the delta",
+        "reads": "`input` (the free Res-Tuner, reads the op's input) or `output` (reads OP(x): the exact parallel "
+                 "form of a serial Houlsby adapter placed after the op, paper eq. 6)",
+    }
 
     def __init__(self, ctx: OpContext, dim: int, act: str = "gelu", scale: float = 1.0, reads: str = "input"):
         super().__init__()

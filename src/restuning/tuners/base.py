@@ -23,19 +23,43 @@ from ..errors import ConfigError
 @dataclass(frozen=True, eq=False)
 class FrozenAttention:
     """References to an MHA's frozen modules. Held as a plain object so they never become tuner
-    parameters (saved, counted or trained)."""
+    parameters (saved, counted or trained).
 
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
+    `query`, `key` and `value` are one module when the projection is fused (its output is `[q; k; v]`, GPT-2).
+    Queries have `num_heads` heads of `head_dim`; keys and values `num_kv_heads` (grouped-query attention: fewer).
+    `scale` multiplies the scores (None: `head_dim ** -0.5`); `exact`: the scores are plain (see `AttentionSite`).
+    """
+
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
     norm: nn.Module | None
     num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    in_width: int  # width of the tokens the key and value projections read
+    scale: float | None = None
+    exact: bool = True
 
     @property
-    def head_dim(self) -> int:
-        return self.query.out_features // self.num_heads
+    def fused(self) -> bool:
+        return self.query is self.key
 
+    @property
+    def score_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim ** -0.5
 
+    def split_fused(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fused projection's output (..., (H + 2 H_kv) d) -> q (..., H d), k and v (..., H_kv d)."""
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return projected.split((q_width, kv_width, kv_width), dim=-1)
+
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `tokens` (..., in_width) through the frozen projections: (..., H_kv d) each."""
+        if self.fused:
+            _, k, v = self.split_fused(self.query(tokens))
+            return k, v
+        return self.key(tokens), self.value(tokens)
 @dataclass(frozen=True, eq=False)
 class OpContext:
     """What a tuner may know of the op it is attached to."""
@@ -61,6 +85,8 @@ class ResTuner(nn.Module):
     # map of the op's input (LoRA; the op must be that one linear layer), "output" when it reads the op's
     # output alone (SSF, BitFit; the op must end in a linear layer), None when it cannot fold.
     folds: ClassVar[str | None] = None
+    # `dim` and each option -> its meaning, as `restuning config` prints it (types and defaults from `__init__`).
+    option_help: ClassVar[dict[str, str]] = {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: op input (..., in_features); y: op output (..., out_features). Returns a delta like y."""
@@ -88,7 +114,9 @@ class AttentionTuner(ResTuner):
     def mix(
         self, context: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """context, query, key: (B, T, H*d) merged heads; mask: additive (B|1, 1|H, T, S) or None.
+        """context: the frozen attention's output before its out-projection, (B, T, H*d) merged heads;
+        query: (B, H, T, d) and key: (B, H_kv, S, d) per head, as the scores see them (RoPE applied; keys of a
+        KV cache included), key None unless `needs_keys`; mask: additive (B|1, 1|H, T, S) or None.
         Returns the new context, (B, T, H*d)."""
         raise NotImplementedError
 

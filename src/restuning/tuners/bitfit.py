@@ -15,6 +15,7 @@ class BitFit(ResTuner):
     """`dim` is ignored: the tuner has exactly `out_features` parameters."""
 
     folds = "output"
+    option_help = {"dim": "ignored: the tuner has exactly `out_features` parameters"}
 
     def __init__(self, ctx: OpContext, dim: int):
         super().__init__()

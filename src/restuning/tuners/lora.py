@@ -16,7 +16,10 @@ from .base import OpContext, ResTuner, register_tuner
 
 @register_tuner("lora")
 class LoRA(ResTuner):
-    """Args: dim: rank r; alpha: scaling numerator (default r, i.e. scaling 1); dropout on x."""
+    """`(alpha / r) B A x`; its options' meanings are in `option_help`."""
+
+    option_help = {"dim": "the rank r", "alpha": "the scaling numerator; null: r (scaling 1)",
+                   "dropout": "dropout on x before A"}
 
     folds = "input"
 

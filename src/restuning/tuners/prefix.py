@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import attend, merge_heads, mix_prefix, split_heads
+from ..attention import attend, merge_heads, mix_prefix, repeat_kv, split_heads
+from ..errors import ConfigError
 from .base import AttentionTuner, OpContext, register_tuner
 
 MODES = ("gated", "exact")
@@ -28,6 +29,11 @@ class _PrefixLike(AttentionTuner):
         if mode not in MODES:
             raise ValueError(f"{self.name} mode: expected one of {MODES}, got {mode!r}")
         self.mode, self.tokens, self._attention = mode, dim, ctx.attention
+        if mode == "exact" and ctx.attention is not None and not ctx.attention.exact:
+            raise ConfigError(
+                f"{self.name} mode 'exact': this attention adds relative-position terms to its scores (DeBERTa, Swin), "
+                "so the prefix identity does not hold for it; use mode 'gated'"
+            )
         heads = ctx.attention.num_heads if ctx.attention is not None else 1
         self.gate = nn.Parameter(torch.zeros(heads, 1, 1)) if mode == "gated" else None
 
@@ -40,16 +46,17 @@ class _PrefixLike(AttentionTuner):
         return self.mode == "exact"
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix keys and values: (1, H, n, d) each on an MHA, (n, D) each elsewhere."""
+        """Prefix keys and values: (1, H_kv, n, d) each on an MHA (no position: RoPE never rotates them, as in
+        prefix tuning), (n, D) each elsewhere."""
         raise NotImplementedError
 
     def mix(self, context, query, key, mask):
         heads = self._attention.num_heads
-        q, ctx_h = split_heads(query, heads), split_heads(context, heads)
-        k_pre, v_pre = self.prefix_kv()
-        scale = q.shape[-1] ** -0.5
+        q, ctx_h = query, split_heads(context, heads)
+        k_pre, v_pre = (repeat_kv(t, heads) for t in self.prefix_kv())
+        scale = self._attention.score_scale
         if self.mode == "exact":
-            out = mix_prefix(ctx_h, q, split_heads(key, heads), k_pre, v_pre, scale, mask)
+            out = mix_prefix(ctx_h, q, repeat_kv(key, heads), k_pre, v_pre, scale, mask)
         else:
             prefix_out, _ = attend(q, k_pre, v_pre, scale)
             out = ctx_h + self.gate.to(ctx_h.dtype) * prefix_out
@@ -66,12 +73,17 @@ class _PrefixLike(AttentionTuner):
 
 @register_tuner("res_prefix")
 class ResPrefix(_PrefixLike):
-    """Args: dim: number of prefix tokens (paper default 10); mode: gated | exact; init_std of the keys."""
+    """Learnable prefix keys and values; its options' meanings are in `option_help`."""
+
+    option_help = {"dim": "number of prefix tokens (paper default 10)",
+                   "mode": "`gated` (a learnable gate, zero at init) or `exact` (the weight `lam` that equals prefix "
+                           "tuning)",
+                   "init_std": "standard deviation of the prefix keys at init"}
 
     def __init__(self, ctx: OpContext, dim: int, mode: str = "gated", init_std: float = 0.02):
         super().__init__(ctx, dim, mode)
         if ctx.attention is not None:
-            shape_k = shape_v = (ctx.attention.num_heads, dim, ctx.attention.head_dim)
+            shape_k = shape_v = (ctx.attention.num_kv_heads, dim, ctx.attention.head_dim)
         else:
             shape_k, shape_v = (dim, ctx.in_features), (dim, ctx.out_features)
         self.prefix_key = nn.Parameter(torch.randn(shape_k) * init_std)

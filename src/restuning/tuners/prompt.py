@@ -20,7 +20,10 @@ from .prefix import _PrefixLike
 
 @register_tuner("res_prompt")
 class ResPrompt(_PrefixLike):
-    """Args: dim: number of prompt tokens (paper default 10); mode: gated | exact."""
+    """Learnable prompt tokens through the op's frozen projections; its options' meanings are in `option_help`."""
+
+    option_help = {"dim": "number of prompt tokens (paper default 10)",
+                   "mode": "`gated` (a learnable gate, zero at init) or `exact` (equals VPT-deep for the real tokens)"}
 
     def __init__(self, ctx: OpContext, dim: int, mode: str = "gated"):
         super().__init__(ctx, dim, mode)
@@ -29,7 +32,7 @@ class ResPrompt(_PrefixLike):
                 f"res_prompt off an attention needs equal input and output widths, got "
                 f"{ctx.in_features} -> {ctx.out_features}"
             )
-        width = ctx.attention.key.in_features if ctx.attention is not None else ctx.in_features
+        width = ctx.attention.in_width if ctx.attention is not None else ctx.in_features
         self.prompt = nn.Parameter(torch.randn(dim, width))
 
     def prefix_kv(self):
@@ -39,4 +42,5 @@ class ResPrompt(_PrefixLike):
         tokens = self.prompt.unsqueeze(0)  # (1, n, D)
         if att.norm is not None:
             tokens = att.norm(tokens)
-        return split_heads(att.key(tokens), att.num_heads), split_heads(att.value(tokens), att.num_heads)
+        keys, values = att.keys_values(tokens)
+        return split_heads(keys, att.num_kv_heads), split_heads(values, att.num_kv_heads)

@@ -14,6 +14,7 @@ class SSF(ResTuner):
     """`dim` is ignored: the tuner has 2 * `out_features` parameters."""
 
     folds = "output"
+    option_help = {"dim": "ignored: the tuner has 2 * `out_features` parameters"}
 
     def __init__(self, ctx: OpContext, dim: int):
         super().__init__()

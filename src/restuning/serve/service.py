@@ -1,0 +1,80 @@
+"""Start and stop the service: a local Ray instance (or a cluster's address), then the application."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, RestuningError
+from ..train.finished import open_run
+from .config import ServeConfig
+
+APP_NAME = "restuning"
+
+
+def plan(config: ServeConfig) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """`({backbone: {task: absolute run folder}}, {task: why it is refused})` for the config's runs."""
+    groups: dict[str, dict[str, str]] = {}
+    refused = {}
+    for name, folder in config.named_runs().items():
+        try:
+            run = open_run(folder)
+        except RestuningError as err:
+            refused[name] = str(err)
+            continue
+        groups.setdefault(run.config.backbone, {})[name] = str(Path(folder).resolve())
+    return groups, refused
+
+
+def build(config: ServeConfig, groups: dict[str, dict[str, str]]):
+    """The Ray Serve application (not started): a gateway over one deployment per backbone."""
+    from .app import BackboneServer, Gateway, MetricsStore
+
+    settings = dataclasses.asdict(config)
+    metrics = MetricsStore.bind()
+    handles = {}
+    for i, (backbone, tasks) in enumerate(sorted(groups.items())):
+        deployment = BackboneServer.options(name=f"backbone-{i}", num_replicas=config.replicas,
+                                            ray_actor_options={"num_cpus": config.replica_cpus},
+                                            max_ongoing_requests=4 * config.max_batch_size)
+        handles[backbone] = deployment.bind(backbone, tasks, settings, metrics)
+    return Gateway.options(max_ongoing_requests=16 * config.max_batch_size).bind(handles, settings, metrics)
+
+
+def start(config: ServeConfig, blocking: bool = False, route_prefix: str = "/", name: str = APP_NAME) -> dict[str, Any]:
+    """Start Ray (a local instance unless `config.address`) and the service; returns what it serves. With
+    `blocking`, serves until interrupted."""
+    import ray
+    from ray import serve
+
+    config = dataclasses.replace(config, task_root=str(config.root))  # the replicas' folder may differ
+    groups, refused = plan(config)
+    if not groups:
+        raise ConfigError("serve: no finished run to serve" + (f"; refused: {refused}" if refused else
+                                                                 " (name runs with --runs or runs: in the YAML)"))
+    if not ray.is_initialized():
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=config.verbose,
+                 configure_logging=config.verbose, namespace="restuning")
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build(config, groups), name=name, route_prefix=route_prefix, blocking=False)
+    info = {"url": f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}", "backbones": groups,
+            "refused": refused}
+    if blocking:
+        import time
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            stop()
+    return info
+
+
+def stop() -> None:
+    """Shut the service and the local Ray instance down."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
