@@ -159,7 +159,7 @@ def test_cli_serve_reads_flags_over_the_yaml(tmp_path, monkeypatch):
     class Started(Exception):
         pass
 
-    def fake_start(config, blocking):
+    def fake_start(config):
         seen["config"] = config
         raise Started
 
@@ -171,6 +171,18 @@ def test_cli_serve_reads_flags_over_the_yaml(tmp_path, monkeypatch):
     config = seen["config"]
     assert (config.runs, config.port, config.max_wait_ms, config.replicas, config.host) == (
         ["a/x"], 9001, 5.0, 2, "127.0.0.1")
+
+
+def test_without_runs_the_demo_runs_are_served_or_the_error_says_what_to_do(tmp_path, monkeypatch, runs):
+    from restuning.serve.service import demo_runs, start
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no runs given and no finished demo runs in runs/demo.*restuning demo"):
+        start(ServeConfig())
+    (tmp_path / "runs" / "demo" / "quick").mkdir(parents=True)
+    shutil.copytree(runs["b0"], tmp_path / "runs" / "demo" / "quick" / "minilm-bypass")
+    (tmp_path / "runs" / "demo" / "unfinished").mkdir()
+    assert demo_runs() == ["runs/demo/quick/minilm-bypass"]
 
 
 # --- the service ------------------------------------------------------------------------------------
@@ -219,6 +231,7 @@ def _forwards(client: Client) -> float:
 def test_service_lists_its_tasks_and_refuses_the_damaged_one(service, runs):
     info, client = service
     assert info["url"].startswith("http://127.0.0.1:")
+    assert "damaged" in info["refused"] and "damaged" not in info["backbones"][MINILM]
     listed = client("GET", "/v1/tasks").json()
     tasks = {t["name"]: t for t in listed["tasks"]}
     assert sorted(tasks) == ["b0", "b1", "b2", "b3", "img", "rt"]

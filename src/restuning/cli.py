@@ -94,8 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     if "api_key" not in overrides and os.environ.get("RESTUNING_API_KEY"):
         overrides["api_key"] = os.environ["RESTUNING_API_KEY"]
     config = load_serve_config(args.config, overrides)
-    print(f"starting the service for {len(config.runs)} run(s) ...", flush=True)
-    info = start(config, blocking=False)
+    print(f"starting the service for {len(config.runs) or 'the demo'} run(s) ...", flush=True)
+    info = start(config)
     for name, why in info["refused"].items():
         print(f"refused {name}: {why}", file=sys.stderr)
     tasks = {b: sorted(t) for b, t in info["backbones"].items()}
@@ -108,6 +108,10 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        print("stopping the service ...", file=sys.stderr, flush=True)
         stop()
     return 0
 
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     srv = sub.add_parser("serve", help="finished runs as an HTTP service (Ray Serve): bypass tasks on one backbone "
                          "share its forward, batched across requests")
-    srv.add_argument("--runs", nargs="+", help="finished runs' folders (name=folder names a task)")
+    srv.add_argument("--runs", nargs="+", help="finished runs' folders (name=folder names a task); default: "
+                     "the runs `restuning demo` left in runs/demo")
     srv.add_argument("--config", help="a YAML file of the service's keys (restuning config lists them)")
     srv.add_argument("--host", help="default 127.0.0.1")
     srv.add_argument("--port", type=int, help="default 8000")

@@ -14,7 +14,8 @@ class ServeConfig(ConfigBase):
     """What `restuning serve` serves and how (the flags of the command, or the keys of its `--config` YAML)."""
 
     runs: list[str] = option(default_factory=list, help="finished runs' folders, served as tasks named after their "
-                             "folders; `name=folder` names one")
+                             "folders; `name=folder` names one; empty: the finished runs `restuning demo` left in "
+                             "runs/demo")
     host: str = option("127.0.0.1", help="the address the HTTP service listens on (localhost unless told otherwise)")
     port: int = option(8000, ge=0, help="the HTTP port")
     task_root: str | None = option(None, help="the folder under which `POST /v1/tasks` may add runs; null: the "

@@ -11,6 +11,16 @@ from ..train.finished import open_run
 from .config import ServeConfig
 
 APP_NAME = "restuning"
+DEMO_RUNS = Path("runs/demo")
+
+
+def demo_runs(root: Path = DEMO_RUNS) -> list[str]:
+    """The finished runs `restuning demo` left under `root` (those of `--quick` when there are no others)."""
+    for folder in (root, root / "quick"):
+        found = sorted(str(p.parent.parent) for p in folder.glob("*/final/classes.json"))
+        if found:
+            return found
+    return []
 
 
 def plan(config: ServeConfig) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
@@ -42,12 +52,17 @@ def build(config: ServeConfig, groups: dict[str, dict[str, str]]):
     return Gateway.options(max_ongoing_requests=16 * config.max_batch_size).bind(handles, settings, metrics)
 
 
-def start(config: ServeConfig, blocking: bool = False, route_prefix: str = "/", name: str = APP_NAME) -> dict[str, Any]:
-    """Start Ray (a local instance unless `config.address`) and the service; returns what it serves. With
-    `blocking`, serves until interrupted."""
+def start(config: ServeConfig, route_prefix: str = "/", name: str = APP_NAME) -> dict[str, Any]:
+    """Start Ray (a local instance unless `config.address`) and the service, and return what it serves
+    (`url`, `backbones`: {backbone: {task: run folder}}, `refused`: {task: why}); it serves until `stop()`."""
     import ray
     from ray import serve
 
+    if not config.runs:
+        config = dataclasses.replace(config, runs=demo_runs())
+        if not config.runs:
+            raise ConfigError(f"serve: no runs given and no finished demo runs in {DEMO_RUNS}; name runs with "
+                              "--runs DIR [DIR ...] (or runs: in the YAML), or run `restuning demo` first")
     config = dataclasses.replace(config, task_root=str(config.root))  # the replicas' folder may differ
     groups, refused = plan(config)
     if not groups:
@@ -57,18 +72,11 @@ def start(config: ServeConfig, blocking: bool = False, route_prefix: str = "/", 
         ray.init(address=config.address, include_dashboard=False, log_to_driver=config.verbose,
                  configure_logging=config.verbose, namespace="restuning")
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build(config, groups), name=name, route_prefix=route_prefix, blocking=False)
-    info = {"url": f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}", "backbones": groups,
-            "refused": refused}
-    if blocking:
-        import time
-
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            stop()
-    return info
+    gateway = serve.run(build(config, groups), name=name, route_prefix=route_prefix, blocking=False)
+    health = gateway.health.remote().result()  # the runs whose checkpoints did not load are refused there
+    served = {b: {t: run for t, run in tasks.items() if t not in health["refused"]} for b, tasks in groups.items()}
+    return {"url": f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}", "backbones": served,
+            "refused": {**refused, **health["refused"]}}
 
 
 def stop() -> None:
