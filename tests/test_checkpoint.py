@@ -10,6 +10,7 @@ from conftest import CASES, hidden
 
 import restuning
 from restuning import CheckpointError, ResTuningConfig, ResTuningModel
+from restuning.card import CARD_NAME
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -36,7 +37,7 @@ def test_checkpoint_holds_tuner_weights_only(tmp_path):
     assert all(k.startswith("tuners.") for k in tensors)
     assert sum(t.numel() for t in tensors.values()) == tuned.get_nb_trainable_parameters()[0]
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["config"]["mha"]["name"] == "res_adapter"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME]  # no temporary left
 
 
 def test_minilm_sized_checkpoint_is_a_few_hundred_kb(tmp_path):
@@ -122,7 +123,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         tuned.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME]
 
 
 def test_modules_to_save_are_trained_saved_and_restored(tmp_path):
@@ -136,15 +137,21 @@ def test_modules_to_save_are_trained_saved_and_restored(tmp_path):
     model = build()
     original_head = model.classifier.weight.clone()
     tuned = restuning.get_restuning_model(model, ResTuningConfig(modules_to_save=["classifier"]))
-    assert tuned.classifier.weight.requires_grad and not tuned.bert.pooler.dense.weight.requires_grad
+    head = tuned.saved_module("classifier")  # the trained copy that stands in for the backbone's own
+    assert head.weight.requires_grad and not tuned.bert.pooler.dense.weight.requires_grad
+    assert not model.classifier.weight.requires_grad
     with torch.no_grad():
-        tuned.classifier.weight.add_(1.0)
+        head.weight.add_(1.0)
     inputs = CASES["bert"].inputs()
     expected = tuned(**inputs).logits
     tuned.save_pretrained(tmp_path)
     restored = ResTuningModel.from_pretrained(build(), tmp_path)
     torch.testing.assert_close(restored(**inputs).logits, expected, atol=0, rtol=0)
-    assert torch.equal(tuned.unload().classifier.weight, original_head)
+    assert torch.equal(model.classifier.weight, original_head)  # the backbone's own head is untouched ...
+    base = tuned.unload()
+    # ... and unload keeps the trained one
+    torch.testing.assert_close(base.classifier.weight, original_head + 1.0, atol=0, rtol=0)
+    torch.testing.assert_close(base(**inputs).logits, expected, atol=0, rtol=0)  # (the tuners are zero at init)
 
 
 # --- atomic folder writes (final/, converted assets) ---------------------------------------------------

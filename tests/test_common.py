@@ -52,7 +52,7 @@ def test_only_tuners_train_and_backbone_is_untouched(model_name, tuner, op):
     case, base, reference, tuned = _tuned(model_name, tuner, op)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     trainable = [n for n, p in tuned.named_parameters() if p.requires_grad]
-    assert trainable and all(n.startswith("tuners.") for n in trainable)
+    assert trainable and all(n.startswith("adapters.default.tuners.") for n in trainable)
     _train_step(tuned, case)
     for k, v in base.state_dict().items():
         assert torch.equal(v, before[k]), f"backbone tensor {k} changed"

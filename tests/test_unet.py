@@ -139,7 +139,7 @@ def test_gradients_reach_tuners_only(tuner):
     tuned = get_restuning_model(base, all_ops(tuner))
     assert {s.kind for s in tuned.sites.values()} == set(OPS)
     trainable = tuned.trainable_parameters()
-    assert trainable and all(n.startswith("tuners.") for n in trainable)
+    assert trainable and all(n.startswith("adapters.default.tuners.") for n in trainable)
     train_steps(tuned)
     assert all(p.grad is None for p in base.parameters())
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

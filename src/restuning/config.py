@@ -267,8 +267,16 @@ class ResTuningConfig(ConfigBase):
     xattn: TunerSpec | str | None = option(None, help="the tuner on every cross-attention (queries from the tokens, "
                                            "keys and values from another sequence: the text encoder states of a "
                                            "Stable Diffusion UNet), as `mha`")
+    task_type: str | None = option(None, help="PEFT's task name (`SEQ_CLS`, `TOKEN_CLS`, `IMAGE_CLS`, `QUESTION_ANS`, "
+                                   "`CAUSAL_LM`, `SEQ_2_SEQ_LM`, `FEATURE_EXTRACTION`) or null: the task's usual "
+                                   "head (`classifier`/`score`, `qa_outputs`; none for language models and features, "
+                                   "as in PEFT) joins `modules_to_save` (restuning.tasks)")
 
     def validate(self) -> None:
+        from .tasks import TASK_TYPES  # beside the model code that reads it
+
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type: expected one of {list(TASK_TYPES)} or null, got {self.task_type!r}")
         for kind in OP_KINDS:
             setattr(self, kind, TunerSpec.coerce(getattr(self, kind), kind))
         self.custom = {k: TunerSpec.coerce(v, f"custom.{k}") for k, v in self.custom.items()}

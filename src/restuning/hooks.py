@@ -4,12 +4,19 @@ Nothing is monkey-patched. Where an op spans two modules (BERT's MHA: heads in `
 projection in `attention.output.dense`), the op's input is captured by a pre-hook on the entry
 and consumed by the hook on the exit within the same forward call; the slot is cleared when read,
 so no tensor outlives the call.
+
+For a mixed batch (each sample through its own adapter), an attachment is given the rows of the batch that
+are its adapter's for the one call (`attach(rows=...)`); it computes its tuner on those rows only and leaves
+the others as the op made them. While one adapter's tuner calls frozen modules itself (Res-Prompt's keys and
+values from its prompt tokens), the other adapters' hooks stand aside and its own apply in full, as when that
+adapter runs alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -18,6 +25,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention import additive_mask, rotate, split_heads
+from .errors import ConfigError
 from .ops import OpSite
 from .spatial import on_channels
 from .tuners import AttentionTuner, ResTuner
@@ -78,10 +86,13 @@ class Attachment:
         self.model, self.site, self.tuner = model, site, tuner
         self.handles: list[RemovableHandle] = []
         self._slot: dict[str, Any] = {}
+        self.rows: Rows | None = None
 
-    def attach(self) -> None:
+    def attach(self, rows: Rows | None = None) -> None:
+        """Register the hooks; with `rows`, the tuner runs on those rows of each batch only."""
         if self.handles:
             raise RuntimeError(f"{self.site.key} is already attached")
+        self.rows = rows
         if isinstance(self.tuner, AttentionTuner) and self.tuner.uses_attention:
             self._attach_attention()
         elif self.site.entry == self.site.exit:
@@ -97,6 +108,11 @@ class Attachment:
             handle.remove()
         self.handles.clear()
         self._slot.clear()
+        self.rows = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
 
     # --- plain tuners: x' = OP(x) + tuner(x, OP(x)) -------------------------------------------
     def _delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -104,16 +120,41 @@ class Attachment:
             return on_channels(self.tuner, x, y)
         return self.tuner(x, y)
 
+    def _stands_aside(self) -> bool:
+        """In a mixed batch, while another adapter's tuner runs frozen modules for itself."""
+        return self.rows is not None and self.rows.stands_aside()
+
+    def _rows(self) -> Rows | None:
+        """The rows to tune: None for all (no mixed batch, or inside this adapter's own tuner)."""
+        return None if self.rows is None or self.rows.routing.inside is not None else self.rows
+
+    def _tuned(self, x: torch.Tensor, output: Any) -> Any:
+        y, rows = output_tensor(output), self._rows()
+        if rows is None:
+            with self._inside():
+                return add_to_output(output, self._delta(x, y))
+        index = rows.index(y, self.site.exit)
+        with self._inside():
+            delta = self._delta(x[index], y[index]).to(y.dtype)
+        return add_to_output(output, torch.zeros_like(y).index_copy(0, index, delta))
+
+    def _inside(self) -> contextlib.AbstractContextManager:
+        """While this tuner runs: in a mixed batch, the other adapters' hooks stand aside."""
+        return self.rows.routing.within(self.rows.adapter) if self.rows is not None else contextlib.nullcontext()
+
     def _op_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = first_input(args, kwargs)
-        return add_to_output(output, self._delta(x, output_tensor(output)))
+        if self._stands_aside():
+            return None
+        return self._tuned(first_input(args, kwargs), output)
 
     def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._slot["x"] = first_input(args, kwargs)
+        if not self._stands_aside():
+            self._slot["x"] = first_input(args, kwargs)
 
     def _exit_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        x = self._slot.pop("x")
-        return add_to_output(output, self._delta(x, output_tensor(output)))
+        if self._stands_aside():
+            return None
+        return self._tuned(self._slot.pop("x"), output)
 
     # --- attention tuners: rewrite the per-head context before the output projection -----------
     # The attention's own call is read by a pre-hook on its entry module (mask, causal flag, RoPE's cos/sin, the
@@ -136,15 +177,19 @@ class Attachment:
 
     def _keep(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            self._slot[name] = output
+            if not self._stands_aside():
+                self._slot[name] = output
 
         return hook
 
     def _keep_fused(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        frozen = self.tuner._attention
-        self._slot["query"], self._slot["key"], _ = frozen.split_fused(output)
+        if not self._stands_aside():
+            frozen = self.tuner._attention
+            self._slot["query"], self._slot["key"], _ = frozen.split_fused(output)
 
     def _capture_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._stands_aside():
+            return
         mask_index, default_causal = self._mask_params
         mask = kwargs.get("attention_mask")
         if mask is None and mask_index is not None and len(args) > mask_index:
@@ -155,7 +200,9 @@ class Attachment:
         self._slot["rope"] = rope if isinstance(rope, tuple) and len(rope) == 2 else None
         self._slot["cache"] = kwargs.get("past_key_values")
 
-    def _mix_context(self, module: nn.Module, args: tuple) -> tuple:
+    def _mix_context(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._stands_aside():
+            return None
         context, slot, att = args[0], self._slot, self.site.attention
         try:
             query = split_heads(slot["query"], att.num_heads)
@@ -179,7 +226,19 @@ class Attachment:
                     )
         finally:
             slot.clear()
-        return (self.tuner.mix(context, query, key, mask), *args[1:])
+        try:
+            rows = self._rows()
+            if rows is None:
+                with self._inside():
+                    return (self.tuner.mix(context, query, key, mask), *args[1:])
+            index = rows.index(context, self.site.exit)
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask[index]
+            with self._inside():
+                mixed = self.tuner.mix(context[index], query[index], None if key is None else key[index], mask)
+            return (context.index_copy(0, index, mixed.to(context.dtype)), *args[1:])
+        finally:
+            slot.clear()  # what the tuner's own calls of the projections (Res-Prompt's keys) left there
 
     def _cached_keys(self, cache: Any, new: torch.Tensor) -> torch.Tensor:
         """Every key of this layer after the attention updated its KV cache with this call's keys `new`,
@@ -193,6 +252,82 @@ class Attachment:
         if keys is None or keys.dim() != 4 or keys.shape[2] < new.shape[2]:
             raise RuntimeError(f"{self.site.key}: the KV cache holds no keys for layer {self._layer_index}")
         return keys
+
+
+class Routing:
+    """The state one mixed-batch call shares among its adapters: whose tuner is running, if any."""
+
+    def __init__(self) -> None:
+        self.inside: str | None = None
+
+    @contextlib.contextmanager
+    def within(self, adapter: str) -> Iterator[None]:
+        outer, self.inside = self.inside, adapter
+        try:
+            yield
+        finally:
+            self.inside = outer
+
+
+class Rows:
+    """The samples of a mixed batch that one adapter serves: `positions` of a batch of `batch` samples."""
+
+    def __init__(self, adapter: str, positions: list[int], batch: int, device: torch.device, routing: Routing):
+        self.adapter, self.positions, self.batch, self.routing = adapter, positions, batch, routing
+        self._index = torch.tensor(positions, dtype=torch.long, device=device)
+
+    def stands_aside(self) -> bool:
+        return self.routing.inside not in (None, self.adapter)
+
+    def index(self, t: torch.Tensor, where: str) -> torch.Tensor:
+        """The row index for tensor `t` (batch first), checked against the batch the names were given for."""
+        if t.shape[0] != self.batch:
+            raise ConfigError(f"adapter_names: {self.batch} names, but {where or 'the model'} sees a batch of "
+                              f"{t.shape[0]}; expected one name per sample, with the batch dimension first")
+        return self._index if self._index.device == t.device else self._index.to(t.device)
+
+
+class SavedModule:
+    """A trained copy of one backbone module (`modules_to_save`, such as a task head) standing in for it: a
+    forward hook replaces the module's output with the copy's on the same inputs. The module itself stays as
+    it was (it still runs; a head is small), so removing the hook gives back its own output."""
+
+    def __init__(self, model: nn.Module, name: str, copy: nn.Module):
+        self.model, self.name, self.copy = model, name, copy
+        self.handle: RemovableHandle | None = None
+        self.rows: Rows | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self.handle is not None
+
+    def attach(self, rows: Rows | None = None) -> None:
+        if self.handle is not None:
+            raise RuntimeError(f"{self.name} is already attached")
+        self.rows = rows
+        self.handle = self.model.get_submodule(self.name).register_forward_hook(self._hook, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle, self.rows = None, None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.rows is not None and self.rows.stands_aside():
+            return None
+        if self.rows is None or self.rows.routing.inside is not None:
+            return self.copy(*args, **kwargs)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"adapter_names: {self.name} returns {type(output).__name__}; a mixed batch needs a "
+                            "module to save that returns one tensor")
+        index = self.rows.index(output, self.name)
+        batch = self.rows.batch
+
+        def rows_of(v: Any) -> Any:
+            return v[index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+
+        mine = self.copy(*(rows_of(a) for a in args), **{k: rows_of(v) for k, v in kwargs.items()})
+        return output.index_copy(0, index, mine.to(output.dtype))
 
 
 def _mask_parameters(entry: nn.Module) -> tuple[int | None, bool]:

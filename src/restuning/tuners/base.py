@@ -78,12 +78,24 @@ class ResTuner(nn.Module):
     position_wise: ClassVar[bool] = True
     # Option -> its allowed values, checked with the config (option types come from `__init__`'s hints).
     option_choices: ClassVar[dict[str, tuple]] = {}
+    # True when a sample's delta depends on that sample alone (nothing mixes across the batch), so that a mixed
+    # batch (`adapter_names=`) can run each sample through its own adapter. All built-in tuners are.
+    mixed_batch: ClassVar[bool] = True
+    # How the tuner folds into a linear op's weights (`merge_and_unload`): "input" when its delta is a linear
+    # map of the op's input (LoRA; the op must be that one linear layer), "output" when it reads the op's
+    # output alone (SSF, BitFit; the op must end in a linear layer), None when it cannot fold.
+    folds: ClassVar[str | None] = None
     # `dim` and each option -> its meaning, as `restuning config` prints it (types and defaults from `__init__`).
     option_help: ClassVar[dict[str, str]] = {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: op input (..., in_features); y: op output (..., out_features). Returns a delta like y."""
         raise NotImplementedError
+
+    def fold_into(self, linear: nn.Linear) -> None:
+        """Fold this tuner into `linear`'s weight and bias in place, so that `linear` alone computes the tuned
+        op (for tuners whose `folds` is set)."""
+        raise NotImplementedError(f"{self.name} does not fold into a linear layer")
 
 
 class AttentionTuner(ResTuner):

@@ -21,6 +21,8 @@ class LoRA(ResTuner):
     option_help = {"dim": "the rank r", "alpha": "the scaling numerator; null: r (scaling 1)",
                    "dropout": "dropout on x before A"}
 
+    folds = "input"
+
     def __init__(self, ctx: OpContext, dim: int, alpha: float | None = None, dropout: float = 0.0):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(dim, ctx.in_features))
@@ -45,3 +47,8 @@ class LoRA(ResTuner):
         if linear.bias is not None:
             out.bias.copy_(linear.bias)
         return out
+
+    @torch.no_grad()
+    def fold_into(self, linear: nn.Linear) -> None:
+        """`W <- W + (alpha/r) B A` in place (the linear layer is the op, so x is its input)."""
+        linear.weight.add_(self.delta_weight().to(linear.weight.dtype))

@@ -13,6 +13,7 @@ from .base import OpContext, ResTuner, register_tuner
 class SSF(ResTuner):
     """`dim` is ignored: the tuner has 2 * `out_features` parameters."""
 
+    folds = "output"
     option_help = {"dim": "ignored: the tuner has 2 * `out_features` parameters"}
 
     def __init__(self, ctx: OpContext, dim: int):
@@ -34,3 +35,18 @@ class SSF(ResTuner):
         bias = linear.bias if linear.bias is not None else torch.zeros_like(gamma)
         out.bias.copy_(gamma * bias + self.shift.to(gamma.dtype))
         return out
+
+    @torch.no_grad()
+    def fold_into(self, linear: nn.Linear) -> None:
+        """`folded` in place: `W <- gamma W`, `b <- gamma b + beta` (a bias is added where there was none)."""
+        folded = self.folded(linear)
+        linear.weight.copy_(folded.weight)
+        set_bias(linear, folded.bias)
+
+
+def set_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
+    """Give `linear` this bias, in place, adding a bias parameter where it had none."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.weight.requires_grad)
+    else:
+        linear.bias.copy_(bias)
