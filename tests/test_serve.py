@@ -21,7 +21,7 @@ from restuning.errors import CheckpointError, ConfigError
 from restuning.serve import RequestError, ServeConfig, parse_predict
 from restuning.train.config import TrainConfig
 from restuning.train.predict import predict, predict_logits
-from restuning.train.tasks import Query, TaskTable
+from restuning.train.task_table import Query, TaskTable
 from restuning.train.trainer import Trainer
 
 TEXTS = ["what a lovely day", "this is the worst service ever", "I am so happy for you", "ugh, traffic again",

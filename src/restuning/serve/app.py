@@ -30,7 +30,7 @@ from ray import serve
 
 from ..errors import RestuningError
 from ..train.finished import open_run
-from ..train.tasks import Query, TaskTable
+from ..train.task_table import Query, TaskTable
 from .config import ServeConfig
 from .metrics import BatchMetrics, RequestMetrics
 from .requests import Predict, RequestError, parse_predict

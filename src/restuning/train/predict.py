@@ -14,7 +14,7 @@ import torch
 from ..data.sources import load_image
 from ..errors import ConfigError
 from .finished import FinishedRun, open_run
-from .tasks import Query, TaskTable
+from .task_table import Query, TaskTable
 
 
 def predict(runs: Sequence[str | Path], texts: Sequence[str] | None = None,
