@@ -150,6 +150,7 @@ def test_serve_config_checks_its_runs_and_limits():
         ServeConfig(max_inputs=10, max_batch_size=5)
     with pytest.raises(ConfigError, match=r"task names \['run'\] given twice"):
         ServeConfig(runs=["a/run", "b/run"])
+    assert ServeConfig(torch_threads=3).threads() == 3 and ServeConfig(replica_cpus=2, replicas=4).threads() == 2
     assert ServeConfig(runs=["x=a/run", "b/run"]).named_runs() == {"x": Path("a/run"), "run": Path("b/run")}
 
 

@@ -73,6 +73,7 @@ class BackboneServer:
 
     def __init__(self, backbone: str, tasks: dict[str, str], config: dict[str, Any], metrics):
         self.config = ServeConfig.from_dict(config)
+        torch.set_num_threads(self.config.threads())  # Ray starts its workers with OMP_NUM_THREADS=1
         self.backbone = backbone
         self.metrics = metrics
         self.table = TaskTable(backbone, share_forward=self.config.share_forward)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class ServeConfig(ConfigBase):
                            "with a Ray cluster)")
     replica_cpus: float = option(0.0, ge=0, help="CPUs Ray reserves for each backbone replica: 0 on one machine, 1 "
                                  "or more on a cluster so that Ray spreads the replicas over its nodes")
+    torch_threads: int | None = option(None, ge=1, help="threads each backbone replica's torch runs on; null: the "
+                                       "machine's cores shared among its replicas (`replica_cpus` of them on a "
+                                       "cluster). Ray would otherwise give each replica one thread")
     address: str | None = option(None, help="a running Ray cluster to join (`auto`, or `ray://host:10001`); null: "
                                  "a local Ray instance")
     share_forward: bool = option(True, help="one backbone forward for all bypass tasks of a batch; false runs one "
@@ -60,6 +64,14 @@ class ServeConfig(ConfigBase):
             raise ConfigError(f"runs: task name {name!r} (of {entry!r}): expected a name without '.' or '/'; "
                               "name it with name=folder")
         return name, Path(folder)
+
+    def threads(self) -> int:
+        """The torch threads of one backbone replica."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        if self.replica_cpus > 0:
+            return max(1, int(self.replica_cpus))
+        return max(1, (os.cpu_count() or 1) // self.replicas)
 
     @property
     def root(self) -> Path:
