@@ -28,6 +28,8 @@ class ServeConfig(ConfigBase):
     max_inputs: int = option(64, ge=1, help="inputs per request at most (larger requests get 413); at most "
                              "`max_batch_size`")
     max_text_chars: int = option(10_000, ge=1, help="characters per text at most (413 beyond)")
+    max_image_pixels: int = option(4096 * 4096, ge=1, help="pixels per image at most (413 beyond), checked before "
+                                   "the image is decoded")
     max_body_bytes: int = option(16 * 2**20, ge=1, help="bytes per request body at most (413 beyond)")
     replicas: int = option(1, ge=1, help="copies of each backbone deployment, scheduled by Ray (on several machines "
                            "with a Ray cluster)")
@@ -43,6 +45,8 @@ class ServeConfig(ConfigBase):
     verbose: bool = option(False, help="Ray's and Serve's own logs on the console")
 
     def validate(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key: an empty key would let every request in; give a key or leave it unset")
         if self.max_inputs > self.max_batch_size:
             raise ConfigError(f"max_inputs ({self.max_inputs}) must not exceed max_batch_size "
                               f"({self.max_batch_size}): a request is answered within one batch")
