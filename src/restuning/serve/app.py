@@ -30,7 +30,7 @@ from ray import serve
 
 from ..errors import RestuningError
 from ..train.finished import open_run
-from ..train.task_table import Query, TaskTable
+from ..train.task_table import Query, TaskTable, valid_task_name
 from .config import ServeConfig
 from .metrics import BatchMetrics, RequestMetrics
 from .requests import Predict, RequestError, parse_predict
@@ -291,7 +291,7 @@ class Gateway:
                     isinstance(v, str) for v in body.values()):
                 raise RequestError(400, "expected {\"name\": <task name>, \"run\": <run folder>}")
             name, run = body["name"], self._under_root(body["run"])
-            if not name or "." in name or "/" in name or len(name) > 200:
+            if not valid_task_name(name):
                 raise RequestError(400, f"task name {name!r}: expected a non-empty name without '.' or '/'")
             async with self._changes:
                 if name in self.tasks:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import ConfigBase, from_dict, option, read_yaml
 from ..errors import ConfigError
+from ..train.task_table import valid_task_name
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ServeConfig(ConfigBase):
         name, sep, folder = entry.partition("=")
         if not sep:
             folder, name = entry, Path(entry).resolve().name
-        if not name or "." in name or "/" in name:
+        if not valid_task_name(name):
             raise ConfigError(f"runs: task name {name!r} (of {entry!r}): expected a name without '.' or '/'; "
                               "name it with name=folder")
         return name, Path(folder)

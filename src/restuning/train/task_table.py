@@ -27,6 +27,11 @@ from .trainer import FINAL
 Inputs = Sequence[str] | torch.Tensor | Sequence[torch.Tensor]
 
 
+def valid_task_name(name: object) -> bool:
+    """A task name is a non-empty string without '.' or '/' (it names a module key and a URL path)."""
+    return isinstance(name, str) and bool(name) and "." not in name and "/" not in name and len(name) <= 200
+
+
 @dataclass
 class Query:
     """Some inputs and the tasks that answer every one of them: texts, a (N, C, H, W) tensor in [0, 1], or a
@@ -87,7 +92,7 @@ class TaskTable:
         """Add the finished run `run` as task `name`. A run that is not finished, was trained on another
         backbone or another input size, or whose checkpoint does not load is refused (CheckpointError or
         ConfigError) and leaves the table as it was."""
-        if not isinstance(name, str) or not name or "." in name or "/" in name:
+        if not valid_task_name(name):
             raise ConfigError(f"task name {name!r}: expected a non-empty name without '.' or '/'")
         if name in self.tasks:
             raise ConfigError(f"task {name!r} already exists; tasks: {self.names}")
