@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--torch-threads", type=int, help="torch threads per backbone replica (default: the "
+                        "service's, the machine's cores)")
     parser.add_argument("--loads", nargs="+", default=["one", "all"], choices=["one", "all"])
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-serve"))
     parser.add_argument("--quick", action="store_true", help="T = 1 and 5, 128 requests, 2 rounds")
@@ -126,7 +128,7 @@ def main() -> None:
             names = [f"t{i}" for i in range(count)]
             settings = {"runs": [f"{n}={r}" for n, r in zip(names, runs)], "port": port,
                         "max_batch_size": args.max_batch_size, "max_inputs": args.max_batch_size,
-                        "max_wait_ms": args.max_wait_ms}
+                        "max_wait_ms": args.max_wait_ms, "torch_threads": args.torch_threads}
             for mode in ("shared", "separate"):
                 config = ServeConfig(**settings, share_forward=mode == "shared")
                 if first:  # starts Ray and Serve on 127.0.0.1
@@ -165,7 +167,7 @@ def main() -> None:
            for r in rows])
     write_json(args.json, {"machine": machine(), "clients": args.clients, "requests_per_round": args.requests,
                            "rounds": args.rounds, "max_batch_size": args.max_batch_size,
-                           "max_wait_ms": args.max_wait_ms, "rows": rows})
+                           "max_wait_ms": args.max_wait_ms, "torch_threads": args.torch_threads, "rows": rows})
 
 
 if __name__ == "__main__":

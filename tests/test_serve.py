@@ -28,6 +28,7 @@ TEXTS = ["what a lovely day", "this is the worst service ever", "I am so happy f
          "thanks, that helped a lot", "terrible, just terrible", "best concert of my life", "I hate mondays"]
 MINILM = "all-MiniLM-L6-v2"
 KEY = "test-key"
+pytestmark = pytest.mark.xdist_group("serve")  # one worker starts the services, one after the other
 
 
 def _train(out: Path, method: str, backbone: str = MINILM, seed: int = 0) -> Path:
@@ -52,6 +53,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     weights = next((damaged / "final").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
     found["damaged"] = damaged
+    (root / "tasks" / "unfinished").mkdir()
+    found["unfinished"] = root / "tasks" / "unfinished"
+    (root / "elsewhere").mkdir()
+    (root / "tasks" / "escape").symlink_to(root / "elsewhere")
     found["outside"] = _train(root / "elsewhere", "bypass", seed=3)
     return found
 
@@ -103,6 +108,7 @@ def test_table_refuses_what_it_cannot_serve_and_stays_as_it_was(runs):
     with pytest.raises(ConfigError, match="reads texts"):
         table.answer([Query(["b0"], [torch.zeros(3, 8, 8)])])
     assert table.names == ["b0"] and table.answer([Query(["b0"], TEXTS[:1])])[0]["b0"].shape == (1, 2)
+    assert table.answer([]) == [] and table.forwards == 1
 
 
 # --- request checks (no service) -----------------------------------------------------------------
@@ -127,7 +133,8 @@ def _png(size: int = 12) -> str:
     ({"task": "t", "inputs": ["a" * 101]}, 413, "101 characters; at most 100"),
     ({"task": "t", "inputs": [3]}, 400, "expected strings"),
     ({"task": "t", "inputs": ["data:image/png;base64," + _png()]}, 400, "an image, sent to a text task"),
-    ({"task": "i", "inputs": ["a nice day"]}, 400, "not base64"),
+    ({"task": "i", "inputs": ["a nice day"]}, 400, "not a readable image.*did you send text to an image task"),
+    ({"task": "i", "inputs": ["a nice day!"]}, 400, "not base64.*did you send text to an image task"),
     ({"task": "i", "inputs": [base64.b64encode(b"not an image at all").decode()]}, 400, "not a readable image"),
     ({"task": "t", "inputs": ["a"], "extra": 1}, 400, r"unknown keys \['extra'\]"),
 ])
@@ -139,17 +146,27 @@ def test_bad_requests_get_a_clear_4xx(body, status, message):
 
 
 def test_images_arrive_as_tensors_base64_or_data_urls():
-    query = parse_predict({"task": "i", "inputs": [_png(12), "data:image/png;base64," + _png(9)]}, SERVED,
+    wrapped = "\n".join(_png(9)[i:i + 76] for i in range(0, len(_png(9)), 76))  # as `base64` wraps its lines
+    query = parse_predict({"task": "i", "inputs": [_png(12), "data:image/png;base64," + _png(9), wrapped]}, SERVED,
                           ServeConfig())
-    assert [tuple(x.shape) for x in query.inputs] == [(3, 12, 12), (3, 9, 9)]
+    assert [tuple(x.shape) for x in query.inputs] == [(3, 12, 12), (3, 9, 9), (3, 9, 9)]
     assert abs(query.inputs[0][0, 0, 0].item() - 200 / 255) < 1e-6
+    sized = {"i": {**SERVED["i"], "image_size": 8}}  # resized at the gateway to the task's size
+    assert [tuple(x.shape) for x in parse_predict({"task": "i", "inputs": [_png(12)]}, sized, ServeConfig()).inputs
+            ] == [(3, 8, 8)]
+    with pytest.raises(RequestError, match=r"12 x 12 pixels; at most 100 \(max_image_pixels\)") as err:
+        parse_predict({"task": "i", "inputs": [_png(12)]}, SERVED, ServeConfig(max_image_pixels=100))
+    assert err.value.status == 413
 
 
 def test_serve_config_checks_its_runs_and_limits():
+    with pytest.raises(ConfigError, match="api_key: an empty key"):
+        ServeConfig(api_key=" ")
     with pytest.raises(ConfigError, match="max_inputs .* must not exceed max_batch_size"):
         ServeConfig(max_inputs=10, max_batch_size=5)
     with pytest.raises(ConfigError, match=r"task names \['run'\] given twice"):
         ServeConfig(runs=["a/run", "b/run"])
+    assert ServeConfig(torch_threads=3).threads() == 3 and ServeConfig(replica_cpus=2, replicas=4).threads() == 2
     assert ServeConfig(runs=["x=a/run", "b/run"]).named_runs() == {"x": Path("a/run"), "run": Path("b/run")}
 
 
@@ -209,7 +226,7 @@ def service(runs):
 
     port = _free_port()
     root = runs["b0"].parent
-    config = ServeConfig(runs=[str(runs[n]) for n in ("b0", "b1", "b2", "b3", "rt", "img", "damaged")],
+    config = ServeConfig(runs=[str(runs[n]) for n in ("b0", "b1", "b2", "b3", "rt", "img", "damaged", "unfinished")],
                          port=port, task_root=str(root), api_key=KEY, max_batch_size=8, max_inputs=8,
                          max_wait_ms=1000, max_body_bytes=64 * 1024)
     info = start(config)
@@ -219,7 +236,14 @@ def service(runs):
         stop()
 
 
-pytestmark = pytest.mark.xdist_group("serve")
+def _probabilities(answer, task: str) -> torch.Tensor:
+    assert answer.status_code == 200, answer.text
+    return torch.tensor([list(p["probabilities"].values()) for p in answer.json()["tasks"][task]])
+
+
+def _expected(run: Path, texts: list[str] = TEXTS) -> torch.Tensor:
+    ((_, logits),) = list(predict_logits([run], texts=texts))
+    return logits.softmax(-1)
 
 
 def _forwards(client: Client) -> float:
@@ -238,8 +262,10 @@ def test_service_lists_its_tasks_and_refuses_the_damaged_one(service, runs):
     assert tasks["b0"]["backbone"] == MINILM and tasks["b0"]["classes"] == ["negative", "positive"]
     assert tasks["b0"]["shared_forward"] and not tasks["rt"]["shared_forward"]
     assert tasks["img"]["kind"] == "image" and len(tasks["img"]["classes"]) == 10
-    assert "damaged" in listed["refused"]
-    assert client("GET", "/health").json()["status"] == "ok"
+    assert "does not load" in listed["refused"]["damaged"] and "Traceback" not in listed["refused"]["damaged"]
+    assert "not a finished run" in listed["refused"]["unfinished"]
+    health = Client(client.url, key=None)("GET", "/health").json()  # open, and names without reasons
+    assert health["status"] == "ok" and health["refused"] == ["damaged", "unfinished"]
     assert "/v1/predict" in client("GET", "/openapi.json").json()["paths"]
 
 
@@ -293,10 +319,18 @@ def test_tasks_are_added_and_removed_at_run_time(service, runs):
     gone = client("POST", "/v1/predict", {"task": "later", "inputs": TEXTS[:1]})
     assert gone.status_code == 404 and "b0" in gone.json()["error"]
     assert client("DELETE", "/v1/tasks/later").status_code == 404
+    again = client("POST", "/v1/tasks", {"name": "later", "run": "b1"})  # the name again, on another run
+    assert again.status_code == 201, again.text
+    answer = client("POST", "/v1/predict", {"task": "later", "inputs": TEXTS})
+    torch.testing.assert_close(_probabilities(answer, "later"), _expected(runs["b1"]), atol=1e-5, rtol=0)
+    assert client("DELETE", "/v1/tasks/later").status_code == 200
 
 
 @pytest.mark.parametrize("body,status,message", [
     ({"name": "x", "run": "../elsewhere"}, 403, "outside the task root"),
+    ({"name": "x", "run": "escape"}, 403, "outside the task root"),  # a symbolic link that leads out
+    ({"name": "x", "run": "b\x000"}, 400, "not a usable path"),
+    ({"name": "x.y", "run": "b0"}, 400, "without '.'"),
     ({"name": "x", "run": "damaged"}, 422, "does not load|not a"),
     ({"name": "x", "run": "img-missing"}, 422, "not a finished run"),
     ({"name": "x"}, 400, "expected"),
@@ -305,12 +339,28 @@ def test_a_task_that_cannot_be_added_is_refused_and_the_rest_keep_serving(servic
     _, client = service
     refused = client("POST", "/v1/tasks", body)
     assert refused.status_code == status and re.search(message, refused.json()["error"]), refused.text
+    assert "Traceback" not in refused.text and "\\u001b" not in refused.text  # a message, not a remote traceback
     assert client("POST", "/v1/predict", {"task": "b0", "inputs": TEXTS[:1]}).status_code == 200
 
 
 def test_auth_and_limits(service):
     _, client = service
     assert client("GET", "/v1/tasks", key="wrong").status_code == 401
+    anonymous = Client(client.url, key=None)
+    assert anonymous("GET", "/v1/tasks").status_code == 401
+    assert anonymous.session.get(client.url + "/v1/tasks", headers={"X-API-Key": KEY}).status_code == 200
+    assert anonymous.session.get(client.url + "/v1/tasks", headers={"authorization": f"bearer {KEY}"}
+                                 ).status_code == 200
+
+    def chunks():  # a chunked body, with no Content-Length to refuse it by
+        yield b'{"task": "b0", "inputs": ["'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"]}'
+
+    chunked = client.session.post(client.url + "/v1/predict", data=chunks(), timeout=60,
+                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert chunked.status_code == 413 and "max_body_bytes" in chunked.json()["error"]
     assert Client(client.url, key=None)("GET", "/health").status_code == 200
     big = client("POST", "/v1/predict", raw=json.dumps({"task": "b0", "inputs": ["x" * 70_000]}).encode())
     assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]
@@ -355,10 +405,20 @@ def test_two_replicas_serve_the_same_tasks(service, runs):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda b: client("POST", "/v1/predict", b), bodies))
         assert [a.status_code for a in answers] == [200] * 32
-        assert len({a.headers["x-restuning-replica"] for a in answers}) == 2  # both replicas answered
+        # b2 was added through one replica; the other loaded it before its next batch, so both answer it
+        assert len({a.headers["x-restuning-replica"] for a, b in zip(answers, bodies) if b["task"] == "b2"}) == 2
         expected = {f"b{i}": predict([runs[f"b{i}"]], texts=TEXTS)[str(runs[f"b{i}"])] for i in range(3)}
-        for body, answer in zip(bodies, answers):  # b2 too: the replica that did not load it caught up
+        for body, answer in zip(bodies, answers):
             assert answer.json()["tasks"][body["task"]][0]["label"] == expected[body["task"]][TEXTS.index(
                 body["inputs"][0])]
+        # removed and added again on another run: every replica drops the old one and serves the new
+        assert client("DELETE", "/v1/tasks/b2").status_code == 200
+        assert client("POST", "/v1/tasks", {"name": "b2", "run": "b3"}).status_code == 201
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: client("POST", "/v1/predict", {"task": "b2", "inputs": TEXTS}),
+                                    range(16)))
+        for answer in answers:
+            torch.testing.assert_close(_probabilities(answer, "b2"), _expected(runs["b3"]), atol=1e-5, rtol=0)
+        assert len({a.headers["x-restuning-replica"] for a in answers}) == 2
     finally:
         serve.delete("replicated")

@@ -98,9 +98,10 @@ class MultiTaskBypass(FrozenBackbone):
 
     def answer(self, features: list[torch.Tensor], mask: torch.Tensor | None,
                rows: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
-        """`{task: its answer for the samples rows[task]}` from tapped `features` (each (B, ...), from
-        `self.features`) of one backbone forward; a sample may go to several tasks, a task with no rows is
-        skipped. `mask`: the (B, L) attention mask of token backbones, or None."""
+        """`{task: its answer for the samples rows[task]}`, each (len(rows[task]), ...) (logits
+        (len(rows[task]), num_classes) for a classification task), from the tapped `features` (each (B, ...),
+        from `self.features`) of one backbone forward; a sample may go to several tasks, a task with no rows
+        is skipped. `mask`: the (B, L) attention mask of token backbones, or None."""
         out = {}
         for name, wanted in rows.items():
             if not wanted:

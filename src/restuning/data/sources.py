@@ -60,19 +60,28 @@ def load_image(path: str | Path) -> torch.Tensor:
     return _decode_image(path, str(path), "a complete image file")
 
 
-def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
-    """An encoded image (PNG, JPEG, ... bytes) as RGB (3, H, W) in [0, 1]; undecodable bytes are a `DataError`."""
+def decode_image(data: bytes, where: str = "image", max_pixels: int | None = None) -> torch.Tensor:
+    """An encoded image (PNG, JPEG, ... bytes) as RGB (3, H, W) in [0, 1]; undecodable bytes, or an image of
+    more than `max_pixels` pixels (checked before it is decoded), are a `DataError`."""
     import io
 
-    return _decode_image(io.BytesIO(data), where, "the bytes of a complete image file")
+    return _decode_image(io.BytesIO(data), where, "the bytes of a complete image file", max_pixels)
 
 
-def _decode_image(source, where: str, expected: str) -> torch.Tensor:
+class ImageTooLarge(DataError):
+    """An image with more pixels than its reader allows."""
+
+
+def _decode_image(source, where: str, expected: str, max_pixels: int | None = None) -> torch.Tensor:
     from PIL import Image
 
     try:
         with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"{where}: an image of {img.width} x {img.height} pixels; at most {max_pixels}")
             rgb = img.convert("RGB")  # decodes the whole file: a truncated one fails here, not later
+    except ImageTooLarge:
+        raise
     # PIL reports damaged files as OSError (UnidentifiedImageError, "image file is truncated"), and some
     # broken chunks as SyntaxError or ValueError.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

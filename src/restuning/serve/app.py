@@ -30,7 +30,7 @@ from ray import serve
 
 from ..errors import RestuningError
 from ..train.finished import open_run
-from ..train.task_table import Query, TaskTable
+from ..train.task_table import Query, TaskTable, valid_task_name
 from .config import ServeConfig
 from .metrics import BatchMetrics, RequestMetrics
 from .requests import Predict, RequestError, parse_predict
@@ -66,78 +66,119 @@ class MetricsStore:
         return self.batches.export()
 
 
+def reason(err: BaseException) -> str:
+    """An error's own message: the cause of an error that crossed from a Ray replica, without its traceback."""
+    err = getattr(err, "cause", None) or err
+    if isinstance(err, RestuningError):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+Live = tuple[int, dict[str, str]]  # (version, {task: run folder}) of the gateway's task table
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class BackboneServer:
     """One frozen backbone and the tasks on it. Startup tasks that fail to load are refused (reported by
-    `describe`), and the others are served."""
+    `describe`), and the others are served.
+
+    Every request carries the gateway's task table with its version; a replica that sees a newer version
+    than its own drops the tasks the gateway removed and loads those added through another replica. A task
+    that fails to load here is remembered (not retried until its folder changes) and only the requests that
+    ask it are refused. All methods are coroutines, so table changes and batches never interleave.
+    """
 
     def __init__(self, backbone: str, tasks: dict[str, str], config: dict[str, Any], metrics):
         self.config = ServeConfig.from_dict(config)
+        torch.set_num_threads(self.config.threads())  # Ray starts its workers with OMP_NUM_THREADS=1
         self.backbone = backbone
         self.metrics = metrics
         self.table = TaskTable(backbone, share_forward=self.config.share_forward)
         self.refused: dict[str, str] = {}
+        self.failed: dict[str, tuple[str, str]] = {}  # task -> (run folder, why) of loads that failed here
+        self.version = 0
         for name, run in tasks.items():
             try:
                 self.table.add(name, run)
-            except RestuningError as err:
-                self.refused[name] = str(err)
+            except Exception as err:  # a task that cannot load is refused; the others are served
+                self.refused[name] = reason(err)
         self.answer_batch.set_max_batch_size(self.config.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(self.config.max_wait_ms / 1000)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "kind": self.table.kind,
                 "tasks": {t["name"]: {**t, "kind": self.table.kind} for t in self.table.describe()},
                 "refused": self.refused}
 
-    def add_task(self, name: str, run: str) -> dict[str, Any]:
-        """Load a task; a RestuningError (not finished, another backbone, damaged) leaves the table as it was."""
-        return {**self.table.add(name, run).describe(), "kind": self.table.kind}
+    async def add_task(self, name: str, run: str, live: Live) -> dict[str, Any]:
+        """Load a task onto the table of version `live` (which lacks it); on success this replica is at the
+        next version. `{"task": description}` or `{"error": why, "status": 422}`; the table is unchanged then."""
+        self._sync(live)
+        try:
+            task = self.table.add(name, run)
+        except Exception as err:  # not finished, another backbone or input size, a damaged checkpoint
+            return {"error": f"task {name!r} does not load: {reason(err)}", "status": 422}
+        self.version = live[0] + 1
+        return {"task": {**task.describe(), "kind": self.table.kind}}
 
-    async def predict(self, tasks: list[str], inputs: list, live: dict[str, str]) -> dict[str, Any]:
+    async def predict(self, tasks: list[str], inputs: list, live: Live) -> dict[str, Any]:
         return await self.answer_batch((tasks, inputs, live))
 
-    def _sync(self, live: dict[str, str]) -> None:
-        """Match the gateway's task table: drop the tasks it removed, load those another replica added."""
-        for name in [n for n in self.table.names if live.get(n) != str(self.table.tasks[n].run.path)]:
+    def _sync(self, live: Live) -> None:
+        """Match the gateway's table of `live` if it is newer than this replica's."""
+        version, runs = live
+        if version <= self.version:
+            return
+        for name in [n for n in self.table.names if runs.get(n) != str(self.table.tasks[n].run.path)]:
             self.table.remove(name)
-        for name, run in live.items():
-            if name not in self.table.tasks:
+        for name, run in runs.items():
+            if name in self.table.tasks or self.failed.get(name, ("",))[0] == run:
+                continue
+            try:
                 self.table.add(name, run)
+                self.failed.pop(name, None)
+            except Exception as err:  # remembered: the requests for it are refused, the others answered
+                self.failed[name] = (run, reason(err))
+        self.version = version
+
+    def _unavailable(self, tasks: list[str]) -> dict[str, Any] | None:
+        for t in tasks:
+            if t in self.failed:
+                return {"error": f"task {t!r} failed to load on this replica: {self.failed[t][1]}", "status": 503}
+            if t not in self.table.tasks:
+                return {"error": f"no task {t!r} (removed); tasks: {self.table.names}", "status": 404}
+        return None
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(
         len(item[1]) for item in items))
-    async def answer_batch(self, items: list[tuple[list[str], list, dict[str, str]]]) -> list[dict[str, Any]]:
-        try:
-            self._sync(items[-1][2])
-        except RestuningError as err:
-            return [{"error": f"a task failed to load on this replica: {err}"}] * len(items)
-        queries = [Query(tasks, inputs) for tasks, inputs, _ in items]
-        known = [all(t in self.table.tasks for t in q.tasks) for q in queries]
+    async def answer_batch(self, items: list[tuple[list[str], list, Live]]) -> list[dict[str, Any]]:
+        self._sync(max((item[2] for item in items), key=lambda live: live[0]))
+        refused = [self._unavailable(tasks) for tasks, _, _ in items]
+        queries = [Query(tasks, inputs) for (tasks, inputs, _), no in zip(items, refused) if no is None]
         before = self.table.forwards
         try:
-            answers = iter(self.table.answer([q for q, ok in zip(queries, known) if ok]))
-        except Exception as err:  # the whole batch fails alike (a bug, not a bad request); the replica serves on
-            return [{"error": f"{type(err).__name__}: {err}"}] * len(items)
+            answers = iter(self.table.answer(queries))
+        except Exception as err:  # a bug rather than a bad request: this batch fails alike, the replica serves on
+            return [no or {"error": f"the batch failed: {reason(err)}", "status": 500} for no in refused]
         results = []
-        for query, ok in zip(queries, known):
-            if not ok:
-                missing = [t for t in query.tasks if t not in self.table.tasks]
-                results.append({"error": f"task {missing[0]!r} was removed; tasks: {self.table.names}",
-                                "status": 404})
-                continue
-            results.append({"replica": self.replica, "answers": {
+        for no in refused:
+            results.append(no or {"replica": self.replica, "answers": {
                 t: self._labelled(t, logits) for t, logits in next(answers).items()}})
-        await self.metrics.record.remote(self.backbone, len(items), sum(len(q.inputs) for q in queries),
-                                         self.table.forwards - before)
+        if queries:
+            try:
+                await self.metrics.record.remote(self.backbone, len(queries), sum(len(q.inputs) for q in queries),
+                                                 self.table.forwards - before)
+            except Exception:  # metrics must never cost an answer
+                pass
         return results
 
     def _labelled(self, task: str, logits: torch.Tensor) -> list[dict[str, Any]]:
         classes = self.table.tasks[task].run.classes
         probabilities = logits.float().softmax(-1).tolist()
         return [{"label": classes[max(range(len(p)), key=p.__getitem__)],
-                 "probabilities": dict(zip(classes, p))} for p in probabilities]
+                 "probabilities": dict(zip(classes, p, strict=True))} for p in probabilities]
 
 
 app = FastAPI(title="restuning serve", version="1",
@@ -147,16 +188,18 @@ app = FastAPI(title="restuning serve", version="1",
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
-    """The HTTP API. `backbones`: `{backbone: handle of its BackboneServer}`."""
+    """The HTTP API. `backbones`: `{backbone: handle of its BackboneServer}`; `refused`: `{task: why}` of the
+    runs refused before any replica started. The gateway owns the task table and its version."""
 
-    def __init__(self, backbones: dict[str, Any], config: dict[str, Any], metrics):
+    def __init__(self, backbones: dict[str, Any], config: dict[str, Any], metrics, refused: dict[str, str]):
         self.config = ServeConfig.from_dict(config)
         self.handles = backbones
         self.metrics = metrics
         self.requests = RequestMetrics()
         self.tasks: dict[str, dict[str, Any]] = {}  # name -> description (with "backbone", "kind", "run")
-        self.refused: dict[str, str] = {}
-        self.kinds: dict[str, str] = {}
+        self.refused: dict[str, str] = dict(refused)
+        self.version = 0
+        self._changes = asyncio.Lock()  # one add or delete at a time: versions and names stay consistent
         self._ready = asyncio.Lock()
         self._loaded = False
 
@@ -164,52 +207,66 @@ class Gateway:
         async with self._ready:
             if self._loaded:
                 return
-            for backbone, handle in self.handles.items():
+            for handle in self.handles.values():
                 state = await handle.describe.remote()
-                self.kinds[backbone] = state["kind"]
                 self.tasks.update(state["tasks"])
                 self.refused.update(state["refused"])
             self._loaded = True
 
-    def _live(self, backbone: str) -> dict[str, str]:
-        return {n: t["run"] for n, t in self.tasks.items() if t["backbone"] == backbone}
+    def _live(self, backbone: str) -> tuple[int, dict[str, str]]:
+        return self.version, {n: t["run"] for n, t in self.tasks.items() if t["backbone"] == backbone}
 
     def _authorised(self, request: Request) -> bool:
         if self.config.api_key is None:
             return True
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        given = given or request.headers.get("x-api-key", "")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
         return secrets.compare_digest(given.encode(), self.config.api_key.encode())
 
     async def _handle(self, route: str, request: Request, work) -> Response:
         start = time.perf_counter()
+        response = None
         try:
             if not self._authorised(request):
-                raise RequestError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+                raise RequestError(401, "missing or wrong API key (send 'Authorization: Bearer <key>' or "
+                                   "'X-API-Key: <key>')")
             await self._load()
             response = await work()
         except RequestError as err:
             response = JSONResponse({"error": err.message}, status_code=err.status)
-        self.requests.observe(route, response.status_code, time.perf_counter() - start)
+        except Exception as err:  # a replica that died, a bug: a JSON 500, and the service serves on
+            response = JSONResponse({"error": reason(err)}, status_code=500)
+        finally:
+            self.requests.observe(route, response.status_code if response is not None else 500,
+                                  time.perf_counter() - start)
         return response
 
     async def _json(self, request: Request) -> Any:
+        limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            raise RequestError(413, f"body of {declared} bytes; at most {self.config.max_body_bytes} (max_body_bytes)")
-        raw = await request.body()
-        if len(raw) > self.config.max_body_bytes:
-            raise RequestError(413, f"body of {len(raw)} bytes; at most {self.config.max_body_bytes} (max_body_bytes)")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"body of {declared} bytes; at most {limit} (max_body_bytes)")
+        raw = bytearray()
+        async for chunk in request.stream():  # a chunked body without a length stops at the limit too
+            raw += chunk
+            if len(raw) > limit:
+                raise RequestError(413, f"body over {limit} bytes (max_body_bytes)")
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError(400, f"the body is not JSON ({err})") from err
+            return json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise RequestError(400, f"the body is not JSON ({type(err).__name__}: {str(err)[:200]})") from err
+
+    async def state(self) -> dict[str, Any]:
+        """What is served and what was refused, with why (for `start`; `/v1/tasks` shows the same)."""
+        await self._load()
+        return {"tasks": self.tasks, "refused": self.refused}
 
     # --- routes --------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         await self._load()
-        return {"status": "ok", "tasks": len(self.tasks), "backbones": list(self.handles), "refused": self.refused}
+        return {"status": "ok", "tasks": len(self.tasks), "backbones": list(self.handles),
+                "refused": sorted(self.refused)}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus(self, request: Request) -> Response:
@@ -234,29 +291,34 @@ class Gateway:
                     isinstance(v, str) for v in body.values()):
                 raise RequestError(400, "expected {\"name\": <task name>, \"run\": <run folder>}")
             name, run = body["name"], self._under_root(body["run"])
-            if name in self.tasks:
-                raise RequestError(409, f"task {name!r} already exists; DELETE /v1/tasks/{name} first")
-            try:
-                backbone = open_run(run).config.backbone
-            except RestuningError as err:
-                raise RequestError(422, str(err)) from err
-            if backbone not in self.handles:
-                raise RequestError(422, f"run {run} is on backbone {backbone!r}; this service serves "
-                                   f"{sorted(self.handles)} (start a service for that backbone)")
-            try:
-                task = await self.handles[backbone].add_task.remote(name, str(run))
-            except RestuningError as err:
-                raise RequestError(422, f"task {name!r} does not load: {err}") from err
-            self.tasks[name] = task
-            return JSONResponse(task, status_code=201)
+            if not valid_task_name(name):
+                raise RequestError(400, f"task name {name!r}: expected a non-empty name without '.' or '/'")
+            async with self._changes:
+                if name in self.tasks:
+                    raise RequestError(409, f"task {name!r} already exists; DELETE /v1/tasks/{name} first")
+                try:
+                    backbone = open_run(run).config.backbone
+                except RestuningError as err:
+                    raise RequestError(422, str(err)) from err
+                if backbone not in self.handles:
+                    raise RequestError(422, f"run {run} is on backbone {backbone!r}; this service serves "
+                                       f"{sorted(self.handles)} (start a service for that backbone)")
+                added = await self.handles[backbone].add_task.remote(name, str(run), self._live(backbone))
+                if "error" in added:
+                    raise RequestError(added["status"], added["error"])
+                self.tasks[name] = added["task"]
+                self.version += 1
+            return JSONResponse(added["task"], status_code=201)
         return await self._handle("/v1/tasks", request, work)
 
     @app.delete("/v1/tasks/{name}")
     async def delete_task(self, name: str, request: Request) -> Response:
         async def work():
-            if name not in self.tasks:
-                raise RequestError(404, f"no task {name!r}; tasks: {sorted(self.tasks)}")
-            del self.tasks[name]  # each replica drops it before its next batch
+            async with self._changes:
+                if name not in self.tasks:
+                    raise RequestError(404, f"no task {name!r}; tasks: {sorted(self.tasks)}")
+                del self.tasks[name]  # each replica drops it before its next batch
+                self.version += 1
             return JSONResponse({"deleted": name})
         return await self._handle("/v1/tasks/{name}", request, work)
 
@@ -275,7 +337,10 @@ class Gateway:
 
     def _under_root(self, run: str) -> Path:
         root = self.config.root
-        path = (root / run).resolve()
+        try:
+            path = (root / run).resolve()  # symbolic links followed: one that leads out is refused below
+        except (ValueError, OSError) as err:
+            raise RequestError(400, f"run {run!r}: not a usable path ({err})") from err
         if not path.is_relative_to(root):
             raise RequestError(403, f"run {run!r} is outside the task root {root}; runs are added from under it")
         return path

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigBase, from_dict, option, read_yaml
 from ..errors import ConfigError
+from ..train.task_table import valid_task_name
 
 
 @dataclass
@@ -27,11 +29,16 @@ class ServeConfig(ConfigBase):
     max_inputs: int = option(64, ge=1, help="inputs per request at most (larger requests get 413); at most "
                              "`max_batch_size`")
     max_text_chars: int = option(10_000, ge=1, help="characters per text at most (413 beyond)")
+    max_image_pixels: int = option(4096 * 4096, ge=1, help="pixels per image at most (413 beyond), checked before "
+                                   "the image is decoded")
     max_body_bytes: int = option(16 * 2**20, ge=1, help="bytes per request body at most (413 beyond)")
     replicas: int = option(1, ge=1, help="copies of each backbone deployment, scheduled by Ray (on several machines "
                            "with a Ray cluster)")
     replica_cpus: float = option(0.0, ge=0, help="CPUs Ray reserves for each backbone replica: 0 on one machine, 1 "
                                  "or more on a cluster so that Ray spreads the replicas over its nodes")
+    torch_threads: int | None = option(None, ge=1, help="threads each backbone replica's torch runs on; null: the "
+                                       "machine's cores shared among its replicas (`replica_cpus` of them on a "
+                                       "cluster). Ray would otherwise give each replica one thread")
     address: str | None = option(None, help="a running Ray cluster to join (`auto`, or `ray://host:10001`); null: "
                                  "a local Ray instance")
     share_forward: bool = option(True, help="one backbone forward for all bypass tasks of a batch; false runs one "
@@ -39,6 +46,8 @@ class ServeConfig(ConfigBase):
     verbose: bool = option(False, help="Ray's and Serve's own logs on the console")
 
     def validate(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key: an empty key would let every request in; give a key or leave it unset")
         if self.max_inputs > self.max_batch_size:
             raise ConfigError(f"max_inputs ({self.max_inputs}) must not exceed max_batch_size "
                               f"({self.max_batch_size}): a request is answered within one batch")
@@ -56,10 +65,18 @@ class ServeConfig(ConfigBase):
         name, sep, folder = entry.partition("=")
         if not sep:
             folder, name = entry, Path(entry).resolve().name
-        if not name or "." in name or "/" in name:
+        if not valid_task_name(name):
             raise ConfigError(f"runs: task name {name!r} (of {entry!r}): expected a name without '.' or '/'; "
                               "name it with name=folder")
         return name, Path(folder)
+
+    def threads(self) -> int:
+        """The torch threads of one backbone replica."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        if self.replica_cpus > 0:
+            return max(1, int(self.replica_cpus))
+        return max(1, (os.cpu_count() or 1) // self.replicas)
 
     @property
     def root(self) -> Path:

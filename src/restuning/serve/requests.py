@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..data.sources import decode_image
+from ..data.sources import ImageTooLarge, decode_image
+from ..data.transforms import resize
 from ..errors import DataError, RestuningError
 from .config import ServeConfig
 
@@ -73,7 +74,11 @@ def parse_predict(body: Any, tasks: dict[str, dict], config: ServeConfig) -> Pre
             raise RequestError(413, f"input {long[0]}: {len(inputs[long[0]])} characters; at most "
                                f"{config.max_text_chars} (max_text_chars)")
         return Predict(list(names), inputs, backbones.pop())
-    return Predict(list(names), [_image(x, i) for i, x in enumerate(inputs)], backbones.pop())
+    size = tasks[names[0]].get("image_size")
+    images = [_image(x, i, config.max_image_pixels) for i, x in enumerate(inputs)]
+    if size:  # resized here, as the backbone would: what travels to the replica is small
+        images = [resize(x[None], size)[0] for x in images]
+    return Predict(list(names), images, backbones.pop())
 
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
@@ -92,17 +97,20 @@ def _looks_like_an_image(text: str) -> bool:
     return head.startswith(IMAGE_MAGIC)
 
 
-def _image(text: str, index: int) -> torch.Tensor:
+def _image(text: str, index: int, max_pixels: int) -> torch.Tensor:
     if text.startswith("data:"):
         head, sep, text = text.partition(",")
         if not sep or not head.endswith(";base64"):
             raise RequestError(400, f"input {index}: a data URL must be data:image/...;base64,<data>")
     try:
-        data = base64.b64decode(text, validate=True)
+        data = base64.b64decode("".join(text.split()), validate=True)  # line breaks of wrapped base64 dropped
     except (binascii.Error, ValueError) as err:
         raise RequestError(400, f"input {index}: not base64 ({err}); the image task takes base64-encoded image "
                            "files (did you send text to an image task?)") from err
     try:
-        return decode_image(data, f"input {index}")
+        return decode_image(data, f"input {index}", max_pixels)
+    except ImageTooLarge as err:
+        raise RequestError(413, f"{err} (max_image_pixels)") from err
     except DataError as err:
-        raise RequestError(400, str(err)) from err
+        raise RequestError(400, f"{err}; the image task takes base64-encoded image files (did you send text to "
+                           "an image task?)") from err

@@ -12,6 +12,7 @@ from .config import ServeConfig
 
 APP_NAME = "restuning"
 DEMO_RUNS = Path("runs/demo")
+_ON_CLUSTER = False  # whether start() joined a Ray cluster (stop() then leaves its other applications alone)
 
 
 def demo_runs(root: Path = DEMO_RUNS) -> list[str]:
@@ -37,7 +38,7 @@ def plan(config: ServeConfig) -> tuple[dict[str, dict[str, str]], dict[str, str]
     return groups, refused
 
 
-def build(config: ServeConfig, groups: dict[str, dict[str, str]]):
+def build(config: ServeConfig, groups: dict[str, dict[str, str]], refused: dict[str, str] | None = None):
     """The Ray Serve application (not started): a gateway over one deployment per backbone."""
     from .app import BackboneServer, Gateway, MetricsStore
 
@@ -49,7 +50,8 @@ def build(config: ServeConfig, groups: dict[str, dict[str, str]]):
                                             ray_actor_options={"num_cpus": config.replica_cpus},
                                             max_ongoing_requests=4 * config.max_batch_size)
         handles[backbone] = deployment.bind(backbone, tasks, settings, metrics)
-    return Gateway.options(max_ongoing_requests=16 * config.max_batch_size).bind(handles, settings, metrics)
+    return Gateway.options(max_ongoing_requests=16 * config.max_batch_size).bind(handles, settings, metrics,
+                                                                                 refused or {})
 
 
 def start(config: ServeConfig, route_prefix: str = "/", name: str = APP_NAME) -> dict[str, Any]:
@@ -74,17 +76,23 @@ def start(config: ServeConfig, route_prefix: str = "/", name: str = APP_NAME) ->
         ray.init(address=config.address, include_dashboard=False, log_to_driver=config.verbose,
                  configure_logging=config.verbose, namespace="restuning", **local)
     serve.start(http_options={"host": config.host, "port": config.port})
-    gateway = serve.run(build(config, groups), name=name, route_prefix=route_prefix, blocking=False)
-    health = gateway.health.remote().result()  # the runs whose checkpoints did not load are refused there
-    served = {b: {t: run for t, run in tasks.items() if t not in health["refused"]} for b, tasks in groups.items()}
+    global _ON_CLUSTER
+    _ON_CLUSTER = config.address is not None
+    gateway = serve.run(build(config, groups, refused), name=name, route_prefix=route_prefix, blocking=False)
+    state = gateway.state.remote().result()  # the runs whose checkpoints did not load are refused there
+    served = {b: {t: run for t, run in tasks.items() if t in state["tasks"]} for b, tasks in groups.items()}
     return {"url": f"http://{config.host}:{config.port}{route_prefix.rstrip('/')}", "backbones": served,
-            "refused": {**refused, **health["refused"]}}
+            "refused": state["refused"]}
 
 
 def stop() -> None:
-    """Shut the service and the local Ray instance down."""
+    """Shut the service down: on a local Ray instance, Serve and Ray; on a cluster, only this application
+    (others may be serving there), then disconnect."""
     import ray
     from ray import serve
 
-    serve.shutdown()
+    if _ON_CLUSTER:
+        serve.delete(APP_NAME)
+    else:
+        serve.shutdown()
     ray.shutdown()

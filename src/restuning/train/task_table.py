@@ -27,6 +27,11 @@ from .trainer import FINAL
 Inputs = Sequence[str] | torch.Tensor | Sequence[torch.Tensor]
 
 
+def valid_task_name(name: object) -> bool:
+    """A task name is a non-empty string without '.' or '/' (it names a module key and a URL path)."""
+    return isinstance(name, str) and bool(name) and "." not in name and "/" not in name and len(name) <= 200
+
+
 @dataclass
 class Query:
     """Some inputs and the tasks that answer every one of them: texts, a (N, C, H, W) tensor in [0, 1], or a
@@ -38,15 +43,18 @@ class Query:
 
 @dataclass
 class Task:
+    """One served run: `describe()` is what the service lists of it."""
+
     name: str
     run: FinishedRun
     shared: bool  # answered from the shared forward's taps
     model: nn.Module | None = None  # the tuned backbone of a task that is not shared
 
     def describe(self) -> dict:
+        data = self.run.config.data
         return {"name": self.name, "run": str(self.run.path), "method": self.run.config.method.name,
                 "backbone": self.run.config.backbone, "classes": list(self.run.classes),
-                "shared_forward": self.shared}
+                "shared_forward": self.shared, "image_size": data.image_size, "max_length": data.max_length}
 
 
 class TaskTable:
@@ -61,7 +69,7 @@ class TaskTable:
         self.backbone: Backbone = load_backbone(backbone)  # encodes every input; its model serves one use
         self._free = True  # whether self.backbone.model is still unused by any task
         self.image_size, self.max_length = image_size, max_length
-        self._fixed_size = image_size is not None or max_length is not None
+        self._given = {"image_size": image_size is not None, "max_length": max_length is not None}
         self.share_forward = share_forward
         self.tasks: dict[str, Task] = {}
         self.multi: MultiTaskBypass | None = None
@@ -84,7 +92,7 @@ class TaskTable:
         """Add the finished run `run` as task `name`. A run that is not finished, was trained on another
         backbone or another input size, or whose checkpoint does not load is refused (CheckpointError or
         ConfigError) and leaves the table as it was."""
-        if not isinstance(name, str) or not name or "." in name or "/" in name:
+        if not valid_task_name(name):
             raise ConfigError(f"task name {name!r}: expected a non-empty name without '.' or '/'")
         if name in self.tasks:
             raise ConfigError(f"task {name!r} already exists; tasks: {self.names}")
@@ -103,13 +111,21 @@ class TaskTable:
             except (ValueError, RuntimeError, KeyError) as err:
                 raise CheckpointError(f"task {name!r}: {run.path / FINAL} does not load ({err})") from err
         else:
-            task.model = run.model(self._take_backbone())
-        if not self.tasks and not self._fixed_size:
-            self.image_size, self.max_length = run.config.data.image_size, run.config.data.max_length
+            try:
+                task.model = run.model(self._take_backbone())
+            except (CheckpointError, ConfigError):
+                raise
+            except Exception as err:  # e.g. safetensors' own error for a damaged file
+                raise CheckpointError(f"task {name!r}: {run.path / FINAL} does not load "
+                                      f"({type(err).__name__}: {err})") from err
+        for key, given in self._given.items():  # the first task fixes the input size not given
+            if not self.tasks and not given:
+                setattr(self, key, getattr(run.config.data, key))
         self.tasks[name] = task
         return task
 
     def remove(self, name: str) -> Task:
+        """Remove task `name` (KeyError if there is none); the backbone's weights are untouched."""
         if name not in self.tasks:
             raise KeyError(name)
         task = self.tasks.pop(name)
@@ -118,10 +134,10 @@ class TaskTable:
         return task
 
     def _check_size(self, name: str, run: FinishedRun) -> None:
-        if self._fixed_size or not self.tasks:
+        if not self.tasks:
             return
         data = run.config.data
-        if (data.image_size, data.max_length) != (self.image_size, self.max_length):
+        if any(not given and getattr(data, key) != getattr(self, key) for key, given in self._given.items()):
             raise ConfigError(
                 f"task {name!r}: run {run.path} was trained on inputs of image_size {data.image_size}, max_length "
                 f"{data.max_length}; the tasks here on {self.image_size}, {self.max_length}. Serve it apart, or "
@@ -156,6 +172,8 @@ class TaskTable:
     def answer(self, queries: Sequence[Query]) -> list[dict[str, torch.Tensor]]:
         """For each query, `{task: (n_inputs, n_classes) logits}`. All queries' inputs go through one
         backbone forward for the shared tasks (routed per sample), and one per other task that is asked."""
+        if not queries:
+            return []
         for q in queries:
             unknown = [t for t in q.tasks if t not in self.tasks]
             if unknown:
