@@ -187,12 +187,13 @@ def test_side_networks_never_back_propagate_into_the_backbone(method, family):
     assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
     assert all(torch.equal(v, weights[k]) for k, v in backbone.state_dict().items())
     # What autograd saves for a call from inputs equals what it saves for the side network alone on
-    # features computed beforehand: the backbone adds nothing to the graph.
+    # features computed beforehand (run as a live forward runs them: `forward_live`): the backbone adds nothing
+    # to the graph.
     with SavedTensorMeter(model.parameters()) as whole:
         model(**case.inputs()).sum()
     features = model.features(**case.inputs())
     with SavedTensorMeter(model.parameters()) as side_only:
-        model.forward_features(features, case.inputs().get("attention_mask")).sum()
+        model.forward_live(features, case.inputs().get("attention_mask")).sum()
     assert whole.bytes == side_only.bytes > 0
     # The same call with autograd through the backbone (as a method that trains inside it has) saves more.
     model.taps.grad = True

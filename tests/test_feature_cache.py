@@ -115,13 +115,13 @@ def test_a_damaged_file_is_rebuilt(tmp_path):
     model = _model()
     cache = FeatureCache(tmp_path)
     good = cache.get(model, inputs)
-    path = next(tmp_path.iterdir())
+    path = tmp_path / "shard-00000.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     cache = FeatureCache(tmp_path)
     again = cache.get(model, inputs)
     assert cache.status == "rebuilt"
     assert all(torch.equal(a, b) for a, b in zip(good.features, again.features, strict=True))
-    assert [p.name for p in tmp_path.iterdir()] == ["features.safetensors"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json", "shard-00000.safetensors"]  # no temporary
 
 
 def _vit_with(hidden_act: str, weights: dict | None = None):
@@ -144,13 +144,13 @@ def test_the_backbone_config_is_in_the_key(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(gelu.base_model.state_dict().values(),
                                                  relu.base_model.state_dict().values(), strict=True))
     assert fingerprint(gelu, inputs) != fingerprint(relu, inputs)
-    first = FeatureCache(tmp_path).get(gelu, inputs)
+    first = FeatureCache(tmp_path).get(gelu, inputs).features  # read now: the next get replaces the files
     cache = FeatureCache(tmp_path)
     got = cache.get(relu, inputs)
     assert cache.status == "rebuilt"
     expected = relu.features(**inputs)
     assert all(torch.equal(a, b) for a, b in zip(got.features, expected, strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(got.features, first.features, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(got.features, first, strict=True))
 
     wider = _model()
     key = fingerprint(wider, inputs)
@@ -171,20 +171,20 @@ def test_a_tampered_file_is_rebuilt_never_used(tmp_path):
     """Bytes flipped inside a tensor's data, header intact: the file still parses, the checksum catches it."""
     inputs, _ = _data()
     model = _model()
-    good = FeatureCache(tmp_path).get(model, inputs)
-    path = tmp_path / "features.safetensors"
+    good = FeatureCache(tmp_path).get(model, inputs).features  # read now: the store maps its files lazily
+    path = tmp_path / "shard-00000.safetensors"
     data = bytearray(path.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")
     for i in range(header + 16, header + 24):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
     tampered = load_file(str(path))
-    assert not all(torch.equal(tampered[f"x{i}"], f) for i, f in enumerate(good.features))
+    assert not all(torch.equal(tampered[f"x{i}"], f) for i, f in enumerate(good))
 
     cache = FeatureCache(tmp_path)
     again = cache.get(model, inputs)
     assert cache.status == "rebuilt"
-    assert all(torch.equal(a, b) for a, b in zip(good.features, again.features, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(good, again.features, strict=True))
     cache = FeatureCache(tmp_path)
     cache.get(model, inputs)
     assert cache.status == "loaded"  # the rebuilt file is whole again

@@ -2,10 +2,12 @@
 
 from ..model import register_tuned_model
 from .cache import CachedFeatures, FeatureCache
+from .compiled import CompiledTask
 from .config import BypassConfig
 from .model import BYPASS_MODELS, FrozenBackbone, ResTuningBypassModel, bypass_model_class, register_bypass_model
 from .multitask import MultiTaskBypass
 from .network import BypassNetwork, BypassTask, Residual, VerticalStep
+from .shards import ShardedFeatures
 from .taps import FeatureTaps, TapPlan, plan_taps
 
 
@@ -17,6 +19,6 @@ register_tuned_model(BypassConfig, _build)
 
 __all__ = [
     "bypass_model_class", "BYPASS_MODELS", "BypassConfig", "BypassNetwork", "BypassTask", "CachedFeatures",
-    "FeatureCache", "FeatureTaps", "FrozenBackbone", "MultiTaskBypass", "plan_taps", "register_bypass_model",
-    "Residual", "ResTuningBypassModel", "TapPlan", "VerticalStep",
+    "CompiledTask", "FeatureCache", "FeatureTaps", "FrozenBackbone", "MultiTaskBypass", "plan_taps",
+    "register_bypass_model", "Residual", "ResTuningBypassModel", "ShardedFeatures", "TapPlan", "VerticalStep",
 ]

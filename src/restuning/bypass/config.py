@@ -39,7 +39,9 @@ class BypassConfig(ConfigBase):
     final_norm: bool = option(True, help="apply the backbone's own (frozen) final norm to the last bypass state")
     gate_init: float = option(0.0, help="initial `theta_l` (paper: 0, so `lam_l = 0.5`)")
     recompute: bool = option(True, help="keep only `b_{l-1}` of each bypass step for backward and recompute the step "
-                             "there (little time, most of autograd's memory saved; the same results either way)")
+                             "there (little time, most of autograd's memory saved; the same results either way); "
+                             "for features the backbone computes in the same call: training from a feature cache "
+                             "never recomputes (the cache holds every x_l already)")
     taps: str | list[str] | None = option(None, help="override the tapped modules by name (PEFT matching rules), in "
                                           "forward order")
     family: str | None = option(None, help="force an op map (as `family` of restuning)")

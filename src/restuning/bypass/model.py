@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from .. import checkpoint
 from ..errors import ConfigError
 from ..ops import family_for_model
 from ..params import ParameterReport
+from .compiled import CompiledTask
 from .config import BypassConfig
 from .network import BypassTask
 from .taps import FeatureTaps, TapPlan
@@ -47,14 +49,18 @@ class FrozenBackbone(ParameterReport, nn.Module):
         """Backbone inputs as the backbone takes them; or `features=` already tapped (from a
         `FeatureCache`), with `attention_mask=` where the pooling needs it."""
         if features is None:
-            features = self.features(*args, **kwargs)
+            return self.forward_live(self.features(*args, **kwargs), kwargs.get("attention_mask"))
         return self.forward_features(features, kwargs.get("attention_mask"))
 
     def forward_features(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """What the subclass computes from the tapped features [x_0, ..., x_L]."""
+        """What the subclass computes from features tapped earlier [x_0, ..., x_L] (e.g. from a `FeatureCache`)."""
         raise NotImplementedError
+
+    def forward_live(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The same from features this call's backbone forward just tapped; by default `forward_features`."""
+        return self.forward_features(features, attention_mask)
 
     def features(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """One backbone forward without autograd (through the plan's tower, where it names one): [x_0, x_1, ...]
@@ -103,8 +109,30 @@ class ResTuningBypassModel(FrozenBackbone):
     def forward_features(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run the task on features already tapped (e.g. from a `FeatureCache`)."""
-        return self.task(features, attention_mask, self.final_norm)
+        """Run the task on features tapped earlier (e.g. from a `FeatureCache`), without recomputing its steps
+        in backward whatever `config.recompute` says: the cache already holds every `x_l` of the data set, so
+        recomputing would save only the batch's step intermediates (a few (B, T, D) per layer, small beside the
+        cache) and would run the bypass forward twice."""
+        return self._task_call()(features, attention_mask, self.final_norm, recompute=False)
+
+    def forward_live(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the task on the features of this call's backbone forward, recomputing as `config.recompute` says."""
+        return self._task_call()(features, attention_mask, self.final_norm)
+
+    # --- torch.compile ---------------------------------------------------------------------------
+    _compiled: CompiledTask | None = None
+
+    def compile_task(self, enabled: bool = True, **options: Any) -> CompiledTask | None:
+        """From now on run the task through `torch.compile(task, **options)` (`enabled=False`: eagerly again).
+        Where compiling fails, at once or at a later call, the task runs eagerly with a warning
+        (`CompiledTask.failure` says why). Parameters and checkpoints are unchanged."""
+        self._compiled = CompiledTask(self.task, **options) if enabled else None
+        return self._compiled
+
+    def _task_call(self) -> Callable[..., torch.Tensor]:
+        """The task, or its compiled form where `compile_task` made one for this task."""
+        compiled = self._compiled
+        return compiled if compiled is not None and compiled.task is self.task else self.task
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, extra: dict[str, Any] | None = None) -> None:

@@ -73,10 +73,12 @@ class BypassNetwork(nn.Module):
         """lam_l = sigmoid(theta_l), (L,)."""
         return torch.sigmoid(self.theta)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l). Returns b_L."""
+    def forward(self, features: list[torch.Tensor], recompute: bool | None = None) -> torch.Tensor:
+        """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l). Returns b_L.
+        `recompute`: recompute each step in backward (None: the config's `recompute`)."""
         b = features[0]
-        recompute = self.recompute and torch.is_grad_enabled() and self.theta.requires_grad
+        recompute = self.recompute if recompute is None else recompute
+        recompute = recompute and torch.is_grad_enabled() and self.theta.requires_grad
         for i, x in enumerate(features[1:]):
             if recompute:
                 # Reentrant: the step's inputs go through ctx.save_for_backward, so what is kept stays
@@ -142,17 +144,18 @@ class BypassTask(nn.Module):
 
     def forward(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
-        final_norm: nn.Module | None = None,
+        final_norm: nn.Module | None = None, recompute: bool | None = None,
     ) -> torch.Tensor:
-        """features: [x_0, x_1, ..., x_depth] as tapped; attention_mask: (B, T) for mean pooling.
-        Returns logits (B, num_classes), or the pooled final state (B, width) without a head."""
+        """features: [x_0, x_1, ..., x_depth] as tapped; attention_mask: (B, T) for mean pooling; `recompute`:
+        as `BypassNetwork.forward`. Returns logits (B, num_classes), or the pooled final state (B, width)
+        without a head."""
         dtype = self.bypass.theta.dtype
         chosen = [features[0], *(features[i + 1] for i in self.layers)]
         if self.first_token_only:
             chosen = [f[:, :1] for f in chosen]
         if self.plan.layout == "map":
             chosen = [f.movedim(1, -1) for f in chosen]
-        b = self.bypass([f.to(dtype) for f in chosen])
+        b = self.bypass([f.to(dtype) for f in chosen], recompute)
         return self.head(read_out(b, self.plan, attention_mask, final_norm if self.uses_final_norm else None))
 
 

@@ -91,11 +91,13 @@ class UNetBypassTask(BypassTask):
     def needed(self) -> int:
         return self.plan.depth  # the head reads x_L, the last up block's output, whatever the bypass reads
 
-    def forward(self, features: list[torch.Tensor], *_: Any) -> torch.Tensor:  # type: ignore[override]
-        """features: [x_0, x_1, ..., x_L], channels-first (B, C_l, H_l, W_l). Returns x_L + Z(b_L), (B, C_L, H, W)."""
+    def forward(self, features: list[torch.Tensor], *_: Any, recompute: bool | None = None  # type: ignore[override]
+                ) -> torch.Tensor:
+        """features: [x_0, x_1, ..., x_L], channels-first (B, C_l, H_l, W_l); `recompute` as
+        `BypassNetwork.forward`. Returns x_L + Z(b_L), (B, C_L, H, W)."""
         dtype = self.bypass.theta.dtype
         chosen = [features[0], *(features[i + 1] for i in self.layers)]
-        b = self.bypass([f.to(dtype).movedim(1, -1) for f in chosen])  # channels-last (B, H, W, C)
+        b = self.bypass([f.to(dtype).movedim(1, -1) for f in chosen], recompute)  # channels-last (B, H, W, C)
         last = features[-1]
         if b.shape[1:3] != last.shape[-2:]:  # the bypass ends before the last up block
             b = resample(b.movedim(-1, 1), tuple(last.shape[-2:])).movedim(1, -1)
@@ -128,10 +130,15 @@ class UNetBypassModel(ResTuningBypassModel):
         Returns the noise prediction (B, C_out, H, W)."""
         if features is None:
             features = self.features(sample, timestep, encoder_hidden_states, **_without_return_dict(unet_kwargs))
+            return self.forward_live(features)
         return self.forward_features(features)
 
     def forward_features(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
                          ) -> torch.Tensor:
+        """From features tapped earlier: no recompute (as `ResTuningBypassModel.forward_features`)."""
+        return unet_output_head(self.base_model, self.task(features, recompute=False))
+
+    def forward_live(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return unet_output_head(self.base_model, self.task(features))
 
 

@@ -1,5 +1,6 @@
 """The one training loop of every run, classification and text-to-image alike: Hugging Face Accelerate
-(devices, processes, mixed precision, accumulation), AdamW on the trainable parameters, a learning-rate
+(devices, processes, mixed precision, accumulation), AdamW on the trainable parameters (fused where torch
+offers it: `restuning.train.optim`), a learning-rate
 schedule, progress bars, metrics as JSON lines, and checkpoints that resume a killed run exactly.
 
 A kind of run subclasses `TrainingLoop`: it sets its config before `super().__init__` (which makes the
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import check_tensors
 from ..errors import CheckpointError, ConfigError, RunError, TrainingError
 from .cadence import UNITS, Cadence, Due
+from .optim import adamw
 from .rundir import CHECKPOINTS, FINAL, METRICS, RunDirectory
 
 SCHEDULES = ("cosine", "constant")
@@ -208,7 +210,7 @@ class TrainingLoop:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the method left nothing trainable")
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        optimizer = adamw(params, lr=s.lr, weight_decay=s.weight_decay)  # fused where torch has it
         loader = torch.utils.data.DataLoader(torch.arange(self.num_examples), batch_size=s.batch_size, shuffle=True,
                                              generator=torch.Generator().manual_seed(s.seed))
         model, optimizer, loader = acc.prepare(self.model, optimizer, loader)
