@@ -15,6 +15,7 @@ from conftest import CASES, tiny_vit_folder
 from safetensors.torch import load_file
 
 from restuning import CheckpointError, ConfigError, DataError, RunError, TrainingError
+from restuning.bypass import FeatureCache
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from restuning.cli import main
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
@@ -269,6 +270,24 @@ def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp
     augmented = _config(tmp_path / "aug", "bypass")
     augmented.data.augment = True
     assert Trainer(augmented, progress=False)._feature_cache() is None  # random crops: never cached
+
+
+def test_a_feature_cache_on_disk_trains_as_the_one_in_memory_and_is_reused(tmp_path):
+    in_memory = Trainer(_config(tmp_path / "memory", "bypass"), progress=False).run()
+    config = _config(tmp_path / "disk", "bypass")
+    config.feature_cache_dir = str(tmp_path / "cache")
+    on_disk = Trainer(config, progress=False).run()
+    assert on_disk["train_loss"] == pytest.approx(in_memory["train_loss"], rel=1e-6)
+    assert on_disk["test_accuracy"] == in_memory["test_accuracy"]
+    stored = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert "cache.json" in stored and any(n.startswith("shard-") and n.endswith(".safetensors") for n in stored)
+    again = _config(tmp_path / "again", "bypass")
+    again.feature_cache_dir = config.feature_cache_dir
+    trainer = Trainer(again, progress=False)
+    assert trainer._feature_cache() is not None
+    store = FeatureCache(config.feature_cache_dir)  # what a later run on the same backbone and inputs finds there
+    store.get(trainer.unwrapped, trainer.inputs, batch_size=again.optim.batch_size)
+    assert store.status == "loaded"
 
 
 @pytest.mark.parametrize("method", ["restuning", "full"])

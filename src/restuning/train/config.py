@@ -92,6 +92,11 @@ class TrainConfig(ConfigBase):
                                  "side_tuning, lst) from backbone features computed once, when the inputs are not "
                                  "augmented; false runs the backbone at every step (the same results; less memory, "
                                  "more time)")
+    feature_cache_dir: str | None = option(None, help="keep that feature cache on disk in this folder (sharded, "
+                                           "memory-mapped safetensors, written atomically and resumed if a caching "
+                                           "pass is killed; reused by later runs on the same backbone, taps and "
+                                           "inputs), so features larger than memory train from disk; null: in "
+                                           "memory")
 
     def validate(self) -> None:
         from ..methods import get_method  # the registry sits above the run config's module

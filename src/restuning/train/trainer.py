@@ -120,7 +120,8 @@ class Trainer(TrainingLoop):
     def _feature_cache(self):
         if not self.method.reads_frozen_backbone or self.config.data.augment or not self.config.feature_cache:
             return None
-        return FeatureCache().get(self.unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
+        cache = FeatureCache(self.config.feature_cache_dir)
+        return cache.get(self.unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
     # --- the loop's hooks -------------------------------------------------------------------
     def run_config(self) -> dict[str, Any]:
