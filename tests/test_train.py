@@ -15,7 +15,6 @@ from conftest import CASES, tiny_vit_folder
 from safetensors.torch import load_file
 
 from restuning import CheckpointError, ConfigError, DataError, RunError, TrainingError
-from restuning.bypass import FeatureCache
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from restuning.cli import main
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
@@ -284,22 +283,22 @@ def test_a_feature_cache_on_disk_trains_as_the_one_in_memory_and_is_reused(tmp_p
     again = _config(tmp_path / "again", "bypass")
     again.feature_cache_dir = config.feature_cache_dir
     trainer = Trainer(again, progress=False)
-    assert trainer._feature_cache() is not None
-    store = FeatureCache(config.feature_cache_dir)  # what a later run on the same backbone and inputs finds there
-    store.get(trainer.unwrapped, trainer.inputs, batch_size=again.optim.batch_size)
-    assert store.status == "loaded"
+    assert trainer._feature_cache() is not None and trainer.feature_store.status == "loaded"  # the store reused
 
 
-@pytest.mark.parametrize("method", ["restuning", "full"])
+@pytest.mark.parametrize("method", ["restuning", "full", "bypass"])
 def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path, method):
-    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks hold the same weights; rank 0 writes."""
+    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks hold the same weights; rank 0 writes (the bypass
+    run also its feature cache on disk, which the other rank then loads)."""
     config = _config(tmp_path, method)
+    if method == "bypass":
+        config.feature_cache_dir = str(tmp_path / "cache")
     config_path = tmp_path / "run.json"
     config_path.write_text(json.dumps(config.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         "29533" if method == "restuning" else "29537",
+         {"restuning": "29533", "full": "29537", "bypass": "29541"}[method],
          str(Path(__file__).with_name("ddp_worker.py")), str(config_path), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -313,6 +312,10 @@ def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path, m
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # written by rank 0 only
     saved = trainable_state(load_model(CASES["vit"].model(), out / "final", trainable=True))
     assert all(torch.equal(saved[n], v) for n, v in ranks[0].items())
+    if method == "bypass":  # the store on disk is whole: no temporary file of a second writer left beside it
+        stored = sorted(p.name for p in (tmp_path / "cache").iterdir())
+        assert "cache.json" in stored and not [n for n in stored if n.endswith(".tmp")], stored
+        assert any(n.startswith("shard-") for n in stored), stored
 
 
 def test_image_folders_train(tmp_path):

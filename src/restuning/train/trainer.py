@@ -120,8 +120,10 @@ class Trainer(TrainingLoop):
     def _feature_cache(self):
         if not self.method.reads_frozen_backbone or self.config.data.augment or not self.config.feature_cache:
             return None
-        cache = FeatureCache(self.config.feature_cache_dir)
-        return cache.get(self.unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
+        self.feature_store = FeatureCache(self.config.feature_cache_dir)  # its `status` says what `get` did
+        # A folder has one writer: the main process builds (or resumes) the store, the others then load it.
+        with self.accelerator.main_process_first():
+            return self.feature_store.get(self.unwrapped, self.inputs, batch_size=self.config.optim.batch_size)
 
     # --- the loop's hooks -------------------------------------------------------------------
     def run_config(self) -> dict[str, Any]:
