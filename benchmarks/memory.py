@@ -4,6 +4,9 @@ token alone, and each bypass step is recomputed in backward; then on every token
 head; then on every token without recomputing) and PEFT's LoRA (rank 8 on query/value), on a
 ViT-B/16 (random weights; memory does not depend on them), 224 px, batch 32, AdamW, 100 classes.
 
+Methods that read a frozen backbone also run with it held in bfloat16 and in int8 weight-only
+(`backbone_dtype`; rows `method@bfloat16`, `method@int8`; trainable weights and AdamW stay float32).
+
 Each method runs in its own process so that the process peak (ru_maxrss) is its own. Reported per
 method: bytes autograd saves for backward (saved_tensors_hooks, parameters excluded), parameter +
 gradient + optimizer bytes, the process peak, CUDA max_memory_allocated on a GPU, the step time, and
@@ -41,32 +44,48 @@ METHODS = {
 NUM_CLASSES = 100
 
 
-def _backbone(image_size: int, layers: int, device: str) -> nn.Module:
+def _backbone(image_size: int, layers: int, device: str, dtype: str = "float32") -> nn.Module:
+    """A ViT-B/16 of `layers` blocks, built directly in bfloat16 for a low-precision `dtype` (as
+    `from_pretrained(..., dtype=torch.bfloat16)` loads one), so that no float32 copy counts in the peak."""
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(image_size=image_size, patch_size=16, num_hidden_layers=layers, hidden_dropout_prob=0.0,
                        attention_probs_dropout_prob=0.0)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return ViTModel(config, add_pooling_layer=False).to(device)
+    torch.set_default_dtype(torch.float32 if dtype == "float32" else torch.bfloat16)
+    try:
+        return ViTModel(config, add_pooling_layer=False).to(device)
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
-def build(method: str, image_size: int, layers: int, device: str) -> nn.Module:
-    """The classifier a run of `method` trains (`restuning.methods`), on a ViT-B/16 of `layers` blocks."""
+def build(method: str, image_size: int, layers: int, device: str, dtype: str = "float32") -> nn.Module:
+    """The classifier a run of `method` trains (`restuning.methods`), on a ViT-B/16 of `layers` blocks held in
+    `dtype`."""
     from restuning.methods import build_classifier
+    from restuning.precision import set_backbone_dtype
 
     name, options = METHODS[method]
-    return build_classifier(name, _backbone(image_size, layers, device), NUM_CLASSES, options)
+    backbone = set_backbone_dtype(_backbone(image_size, layers, device, dtype), dtype)
+    return build_classifier(name, backbone, NUM_CLASSES, options)
 
 
-def measure(method: str, batch: int, image_size: int, layers: int, device: str) -> dict:
-    """One AdamW step of `method`; run in a fresh process."""
+def supports(method: str, dtype: str) -> bool:
+    from restuning.methods import get_method
+
+    return dtype == "float32" or get_method(METHODS[method][0]).low_precision
+
+
+def measure(method: str, batch: int, image_size: int, layers: int, device: str, dtype: str = "float32") -> dict:
+    """One AdamW step of `method` (the training loop's AdamW); run in a fresh process."""
     from restuning.memory import SavedTensorMeter, state_bytes
+    from restuning.train.optim import adamw
 
-    model = build(method, image_size, layers, device)
+    model = build(method, image_size, layers, device, dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    optimizer = adamw(params, lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
@@ -85,6 +104,7 @@ def measure(method: str, batch: int, image_size: int, layers: int, device: str) 
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return {
         "method": method,
+        "dtype": dtype,
         "trainable_params": sum(p.numel() for p in params),
         "frozen_params": sum(p.numel() for p in frozen),
         "saved_activation_bytes": meter.bytes,
@@ -98,13 +118,17 @@ def measure(method: str, batch: int, image_size: int, layers: int, device: str) 
     }
 
 
-def _run_worker(method: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--image-size",
-           str(args.image_size), "--layers", str(args.layers), "--device", args.device]
+def _run_worker(method: str, dtype: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--dtype", dtype, "--batch", str(args.batch),
+           "--image-size", str(args.image_size), "--layers", str(args.layers), "--device", args.device]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _row(method: str, dtype: str) -> str:
+    return method if dtype == "float32" else f"{method}@{dtype}"
 
 
 def _mib(n: int | None) -> str:
@@ -119,18 +143,23 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="ViT-B/16 depth (12)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per method; medians reported")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
+                        choices=["float32", "bfloat16", "int8"], help="backbone dtypes, for the methods that take them")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker, args.batch, args.image_size, args.layers, args.device)))
+        print(json.dumps(measure(args.worker, args.batch, args.image_size, args.layers, args.device, args.dtype)))
         return
 
     methods = ["full", *[m for m in args.methods if m != "full"]]
-    runs = {m: [] for m in methods}
+    cells = [(m, d) for m in methods for d in ["float32", *[d for d in args.dtypes if d != "float32"]]
+             if supports(m, d) and (d == "float32" or d in args.dtypes)]
+    runs = {_row(m, d): [] for m, d in cells}
     for _ in range(args.repeats):  # the process peak varies run to run (allocator): take the median
-        for m in methods:
-            runs[m].append(_run_worker(m, args))
+        for m, d in cells:
+            runs[_row(m, d)].append(_run_worker(m, d, args))
     rows = {}
     for m, results in runs.items():
         peaks = sorted(r["peak_rss_bytes"] for r in results)
@@ -148,11 +177,11 @@ def main() -> None:
     header = ("method", "trainable", "saved act MiB", "param+grad+optim MiB", "peak MiB", "peak/full", "act/full",
               "cuda MiB", "step s")
     table(header, [
-        (r["method"], f"{r['trainable_params']:,d}", _mib(r["saved_activation_bytes"]),
+        (name, f"{r['trainable_params']:,d}", _mib(r["saved_activation_bytes"]),
          _mib(r["param_grad_optim_bytes"]), _mib(r["peak_rss_bytes"]), f"{r['ratio_to_full']:.3f}",
          f"{r['saved_activation_ratio_to_full']:.4f}",
          _mib(r["cuda_max_allocated_bytes"]), f"{r['step_seconds']:.2f}")
-        for r in rows.values()
+        for name, r in rows.items()
     ])
     meta = {"repeats": args.repeats, "batch": args.batch, "image_size": args.image_size, "layers": args.layers,
             "device": args.device, **machine(),

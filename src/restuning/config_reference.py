@@ -171,7 +171,8 @@ def _method_lines(method: Method) -> tuple[str, list[str], list[Key]]:
     can = [text for flag, text in ((method.reads_frozen_backbone, "never back-propagates into the backbone (feature "
                                     "cache, one backbone forward for many runs)"),
                                    (method.multi_task, "multi-task: its runs on one backbone answer from one forward"),
-                                   (method.trains_backbone, "trains the backbone's own parameters")) if flag]
+                                   (method.trains_backbone, "trains the backbone's own parameters"),
+                                   (method.low_precision, "backbone_dtype: float32, bfloat16 or int8")) if flag]
     facts += can
     for task, values in method.defaults.items():
         facts.append(f"defaults for {task} runs: {_value(values)}")

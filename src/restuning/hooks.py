@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from .attention import additive_mask, rotate, split_heads
 from .errors import ConfigError
 from .ops import OpSite
+from .precision import compute_dtype, in_dtype
 from .spatial import on_channels
 from .tuners import AttentionTuner, ResTuner
 
@@ -116,6 +117,9 @@ class Attachment:
 
     # --- plain tuners: x' = OP(x) + tuner(x, OP(x)) -------------------------------------------
     def _delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(self.tuner)
+        if dtype is not None and y.dtype != dtype:  # a low-precision backbone: the tuner computes in its own dtype
+            return self._delta(*in_dtype(dtype, x, y)).to(y.dtype)
         if self.site.layout == "map":
             return on_channels(self.tuner, x, y)
         return self.tuner(x, y)
@@ -227,18 +231,25 @@ class Attachment:
         finally:
             slot.clear()
         try:
-            rows = self._rows()
-            if rows is None:
-                with self._inside():
-                    return (self.tuner.mix(context, query, key, mask), *args[1:])
-            index = rows.index(context, self.site.exit)
-            if mask is not None and mask.shape[0] > 1:
-                mask = mask[index]
-            with self._inside():
-                mixed = self.tuner.mix(context[index], query[index], None if key is None else key[index], mask)
-            return (context.index_copy(0, index, mixed.to(context.dtype)), *args[1:])
+            rows, dtype = self._rows(), compute_dtype(self.tuner)
+            if dtype is not None and context.dtype != dtype:  # a low-precision backbone
+                mixed = self._mix(*in_dtype(dtype, context, query, key, mask), rows)
+                return (mixed.to(context.dtype), *args[1:])
+            return (self._mix(context, query, key, mask, rows), *args[1:])
         finally:
             slot.clear()  # what the tuner's own calls of the projections (Res-Prompt's keys) left there
+
+    def _mix(self, context: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None, mask: torch.Tensor | None,
+             rows: Rows | None) -> torch.Tensor:
+        if rows is None:
+            with self._inside():
+                return self.tuner.mix(context, query, key, mask)
+        index = rows.index(context, self.site.exit)
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask[index]
+        with self._inside():
+            mixed = self.tuner.mix(context[index], query[index], None if key is None else key[index], mask)
+        return context.index_copy(0, index, mixed.to(context.dtype))
 
     def _cached_keys(self, cache: Any, new: torch.Tensor) -> torch.Tensor:
         """Every key of this layer after the attention updated its KV cache with this call's keys `new`,
@@ -315,6 +326,10 @@ class SavedModule:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.rows is not None and self.rows.stands_aside():
             return None
+        dtype = compute_dtype(self.copy)
+        if dtype is not None and isinstance(output, torch.Tensor) and output.dtype != dtype:  # low-precision backbone
+            args, kwargs = in_dtype(dtype, *args), {k: in_dtype(dtype, v)[0] if isinstance(v, torch.Tensor) else v
+                                                     for k, v in kwargs.items()}
         if self.rows is None or self.rows.routing.inside is not None:
             return self.copy(*args, **kwargs)
         if not isinstance(output, torch.Tensor):

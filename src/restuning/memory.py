@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .precision import plain_tensors, tensor_bytes
+
 
 class SavedTensorMeter:
     """Bytes of the tensors autograd saves for backward inside the `with` block, each storage counted
@@ -18,15 +20,16 @@ class SavedTensorMeter:
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self._excluded = {p.untyped_storage().data_ptr() for p in exclude}
+        self._excluded = {t.untyped_storage().data_ptr() for p in exclude for t in plain_tensors(p)}
         self._seen: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self._excluded:
-            self._seen.setdefault(ptr, storage.nbytes())
+        for plain in plain_tensors(tensor):  # a quantized weight: its packed data and scales
+            storage = plain.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self._excluded:
+                self._seen.setdefault(ptr, storage.nbytes())
         return tensor
 
     def __enter__(self) -> SavedTensorMeter:
@@ -49,7 +52,7 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
         optim = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                     if isinstance(v, torch.Tensor))
     return {
-        "parameters": sum(p.numel() * p.element_size() for p in params),
+        "parameters": sum(tensor_bytes(p) for p in params),
         "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
         "optimizer": optim,
     }

@@ -60,14 +60,15 @@ class LadderSideTuning(SideNetworkModel):
     def forward_features(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
                          ) -> torch.Tensor:
         """features: [x_0 (B, T, D_0), ..., x_L (B, T, D_L)]. Returns logits (B, num_classes)."""
-        h, padding = self.downs[0](features[0]), padding_mask(attention_mask)
+        dtype = self.head.weight.dtype  # features of a low-precision backbone are cast where they are read
+        h, padding = self.downs[0](features[0].to(dtype)), padding_mask(attention_mask)
         mu = torch.sigmoid(self.gates / self.config.temperature)
         for layer in range(1, len(features)):
-            h = mu[layer - 1] * self.downs[layer](features[layer]) + (1 - mu[layer - 1]) * h
+            h = mu[layer - 1] * self.downs[layer](features[layer].to(dtype)) + (1 - mu[layer - 1]) * h
             h = self.blocks[layer - 1](h, src_key_padding_mask=padding)
         return self.head(pool(self.norm(h), self.plan.pooling, attention_mask))
 
 
 register_method(Method(METHOD, lambda backbone, options, num_classes: LadderSideTuning(backbone, options),
-                       options=LSTConfig, reads_frozen_backbone=True,
+                       options=LSTConfig, reads_frozen_backbone=True, low_precision=True,
                        summary="LST: ladder side-tuning, a narrow side transformer fed by gated ladders (LSTConfig)"))

@@ -71,6 +71,6 @@ def build(backbone: nn.Module, options: dict[str, Any], num_classes: int | None)
 
 
 register_method(Method("peft_lora", build, tasks=("classification", "diffusion"), parse=check_options,
-                       defaults={"diffusion": UNET_DEFAULTS},
+                       low_precision=True, defaults={"diffusion": UNET_DEFAULTS},
                        summary="PEFT's LoRA; method.config: peft.LoraConfig fields, over r 8, lora_alpha = r, no "
                        "dropout, on the query and value projections unless target_modules is given"))

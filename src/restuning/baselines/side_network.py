@@ -9,6 +9,7 @@ from torch import nn
 from ..bypass import BypassConfig, plan_taps
 from ..bypass.model import FrozenBackbone
 from ..errors import ConfigError
+from ..precision import trainable_dtype
 
 SIDE_POOLINGS = ("auto", "cls", "mean")  # a side network reads tokens
 
@@ -39,4 +40,4 @@ class SideNetworkModel(FrozenBackbone):
         ref = next(self.base_model.parameters())
         for name, child in self.named_children():
             if name != "base_model":
-                child.to(device=ref.device, dtype=ref.dtype)
+                child.to(device=ref.device, dtype=trainable_dtype(ref))

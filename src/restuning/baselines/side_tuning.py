@@ -60,14 +60,15 @@ class SideTuning(SideNetworkModel):
     def forward_features(self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None
                          ) -> torch.Tensor:
         """features: [x_0 (B, T, D0), ..., x_L (B, T, D)]. Returns logits (B, num_classes)."""
-        h, padding = self.down(features[0]), padding_mask(attention_mask)
+        dtype = self.head.weight.dtype  # features of a low-precision backbone are cast where they are read
+        h, padding = self.down(features[0].to(dtype)), padding_mask(attention_mask)
         for block in self.blocks:
             h = block(h, src_key_padding_mask=padding)
         a = torch.sigmoid(self.blend)
-        mixed = a * features[-1] + (1 - a) * self.up(h)
+        mixed = a * features[-1].to(dtype) + (1 - a) * self.up(h)
         return self.head(read_out(mixed, self.plan, attention_mask, self.final_norm))
 
 
 register_method(Method(METHOD, lambda backbone, options, num_classes: SideTuning(backbone, options),
-                       options=SideTuningConfig, reads_frozen_backbone=True,
+                       options=SideTuningConfig, reads_frozen_backbone=True, low_precision=True,
                        summary="Side-Tuning: a side transformer on x_0 blended with x_L (SideTuningConfig)"))

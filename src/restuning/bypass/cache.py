@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..precision import backbone_dtype, is_quantized
 from . import shards
 from .model import FrozenBackbone
 from .shards import Manifest, ShardedFeatures
@@ -206,7 +207,7 @@ _LOCATION_KEYS = frozenset({"_name_or_path"})
 def _describe(model: nn.Module) -> str:
     """The backbone's computation beyond its tensors, as JSON: its config (transformers' `to_dict()`, or a
     diffusers config mapping) with the attention implementation (or processors), its module tree (repr: the
-    activations and layer options of a module without a config) and its parameter dtype."""
+    activations and layer options of a module without a config) and how it is held (`backbone_dtype`)."""
     cfg = getattr(model, "config", None)
     config: dict[str, Any] | None = None
     if hasattr(cfg, "to_dict"):
@@ -219,13 +220,20 @@ def _describe(model: nn.Module) -> str:
     dtype = next((str(p.dtype) for p in model.parameters()), None)
     # A diffusers model's attention processors (sdpa or not) are not in its config or repr.
     processors = {k: type(v).__name__ for k, v in getattr(model, "attn_processors", {}).items()}
-    return json.dumps({"config": config, "modules": repr(model), "dtype": dtype, "attn_processors": processors},
+    return json.dumps({"config": config, "modules": repr(model), "dtype": dtype, "held_in": backbone_dtype(model),
+                       "attn_processors": processors},
                       sort_keys=True, default=str)
 
 
 def _hash_tensors(h, tensors: Mapping[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+        t = tensors[name]
+        if is_quantized(t):  # packed data and scales (torchao): hash the plain tensors inside
+            inner, _ = t.__tensor_flatten__()
+            h.update(f"{name}|{type(t).__name__}".encode())
+            _hash_tensors(h, {f"{name}.{n}": getattr(t, n) for n in inner})
+            continue
+        t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # the bytes, not a copy
 

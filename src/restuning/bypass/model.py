@@ -13,6 +13,7 @@ from .. import checkpoint
 from ..errors import ConfigError
 from ..ops import family_for_model
 from ..params import ParameterReport
+from ..precision import trainable_dtype
 from .compiled import CompiledTask
 from .config import BypassConfig
 from .network import BypassTask
@@ -157,7 +158,7 @@ class ResTuningBypassModel(FrozenBackbone):
 def _build_task(model: nn.Module, plan: TapPlan, config: BypassConfig,
                 task_class: type[BypassTask] = BypassTask) -> BypassTask:
     ref = next(model.parameters())
-    return task_class(plan, config).to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    return task_class(plan, config).to(device=ref.device, dtype=trainable_dtype(ref))
 
 
 def save_task(task: BypassTask, backbone: nn.Module, directory: Path, extra: dict[str, Any] | None = None) -> None:

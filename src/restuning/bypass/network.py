@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, TunerSpec
+from ..precision import run_frozen
 from ..spatial import resample
 from ..tuners import OpContext, ResTuner, build_tuner
 from .config import BypassConfig
@@ -74,9 +75,11 @@ class BypassNetwork(nn.Module):
         return torch.sigmoid(self.theta)
 
     def forward(self, features: list[torch.Tensor], recompute: bool | None = None) -> torch.Tensor:
-        """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l). Returns b_L.
-        `recompute`: recompute each step in backward (None: the config's `recompute`)."""
-        b = features[0]
+        """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l), in any floating
+        dtype: each `x_l` is cast to the bypass's dtype inside its step, so a low-precision backbone's features
+        are not copied to float32 all at once (under `recompute`, backward keeps the low-precision `x_l`).
+        Returns b_L. `recompute`: recompute each step in backward (None: the config's `recompute`)."""
+        b = features[0].to(self.theta.dtype)
         recompute = self.recompute if recompute is None else recompute
         recompute = recompute and torch.is_grad_enabled() and self.theta.requires_grad
         for i, x in enumerate(features[1:]):
@@ -89,7 +92,7 @@ class BypassNetwork(nn.Module):
         return b
 
     def _step(self, i: int, theta: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        h = self.horizontal[i](x)
+        h = self.horizontal[i](x.to(theta.dtype))
         v = self.vertical[i](b, like=x).to(h.dtype)  # under autocast a projection may change the dtype
         return torch.lerp(v, h, torch.sigmoid(theta[i]).to(h.dtype))  # (1 - lam) V + lam H
 
@@ -149,13 +152,12 @@ class BypassTask(nn.Module):
         """features: [x_0, x_1, ..., x_depth] as tapped; attention_mask: (B, T) for mean pooling; `recompute`:
         as `BypassNetwork.forward`. Returns logits (B, num_classes), or the pooled final state (B, width)
         without a head."""
-        dtype = self.bypass.theta.dtype
         chosen = [features[0], *(features[i + 1] for i in self.layers)]
         if self.first_token_only:
             chosen = [f[:, :1] for f in chosen]
         if self.plan.layout == "map":
             chosen = [f.movedim(1, -1) for f in chosen]
-        b = self.bypass([f.to(dtype) for f in chosen], recompute)
+        b = self.bypass(chosen, recompute)
         return self.head(read_out(b, self.plan, attention_mask, final_norm if self.uses_final_norm else None))
 
 
@@ -164,10 +166,10 @@ def read_out(b: torch.Tensor, plan: TapPlan, attention_mask: torch.Tensor | None
     """The backbone's own read-out of a last-layer state: its final norm and the plan's pooling.
     b: (B, T, D) or channels-last (B, H, W, C). Returns (B, D)."""
     if final_norm is not None and not plan.norm_after_pool:
-        b = final_norm(b)
+        b = run_frozen(final_norm, b)
     pooled = pool(b, plan.pooling, attention_mask)
     if final_norm is not None and plan.norm_after_pool:
-        pooled = final_norm(pooled)
+        pooled = run_frozen(final_norm, pooled)
     return pooled
 
 

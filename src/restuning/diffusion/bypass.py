@@ -95,9 +95,8 @@ class UNetBypassTask(BypassTask):
                 ) -> torch.Tensor:
         """features: [x_0, x_1, ..., x_L], channels-first (B, C_l, H_l, W_l); `recompute` as
         `BypassNetwork.forward`. Returns x_L + Z(b_L), (B, C_L, H, W)."""
-        dtype = self.bypass.theta.dtype
         chosen = [features[0], *(features[i + 1] for i in self.layers)]
-        b = self.bypass([f.to(dtype).movedim(1, -1) for f in chosen], recompute)  # channels-last (B, H, W, C)
+        b = self.bypass([f.movedim(1, -1) for f in chosen], recompute)  # channels-last (B, H, W, C)
         last = features[-1]
         if b.shape[1:3] != last.shape[-2:]:  # the bypass ends before the last up block
             b = resample(b.movedim(-1, 1), tuple(last.shape[-2:])).movedim(1, -1)

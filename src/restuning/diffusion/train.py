@@ -21,6 +21,7 @@ from torch import nn
 from ..config import from_dict
 from ..errors import ConfigError
 from ..methods import get_method, load_model, save_model
+from ..precision import set_backbone_dtype
 from ..train.loop import FINAL, LoopSettings, TrainingLoop
 from .data import (
     CaptionedImages,
@@ -104,6 +105,7 @@ def load_run(run_dir: str | Path) -> tuple[SDComponents, nn.Module, DiffusionTra
         raise ConfigError(f"{run_dir}: not a finished diffusion run (no {FINAL}/{RUN_CONFIG})")
     config = from_dict(DiffusionTrainConfig, json.loads(config_path.read_text()))
     components = load_components(config.model)
+    set_backbone_dtype(components.unet, config.backbone_dtype)
     return components, load_model(components.unet, final), config
 
 
@@ -168,6 +170,7 @@ class DiffusionTrainer(TrainingLoop):
         if half is not None and not method.trains_backbone:
             self.components.unet.to(dtype=half)  # frozen: stored in half precision, as the VAE and text encoder
         self.components.to(self.accelerator.device, half)  # cast before the move: no float32 copy on the device
+        set_backbone_dtype(self.components.unet, config.backbone_dtype)
         self.data = load_captioned(config)
         self.class_images = load_class_images(config)
         self.num_examples = len(self.data)

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..config import ConfigBase, from_dict, option, read_yaml
 from ..errors import ConfigError
-from ..train.config import PRECISIONS, MethodConfig
+from ..precision import BACKBONE_DTYPES
+from ..train.config import PRECISIONS, MethodConfig, check_backbone_dtype
 from .data import SUBJECT_TEMPLATE
 
 SOURCES = ("mnist", "folder", "jsonl")
@@ -79,6 +80,10 @@ class DiffusionTrainConfig(ConfigBase):
                                   "`restuning` (default: Res-Adapters on MHA and FFN of the middle block and decoder, "
                                   "as the paper), `bypass` or `peft_lora` (default: rank 4 on to_q, to_k, to_v, "
                                   "to_out.0 of every attention)")
+    backbone_dtype: str = option("float32", choices=BACKBONE_DTYPES, help="how the frozen UNet is held: `float32`, "
+                                 "`bfloat16`, or `int8` (its linear layers' weights int8 weight-only through torchao, "
+                                 "convolutions bfloat16; it computes in bfloat16); trainable weights and the optimizer "
+                                 "stay float32; not for `full`")
     data: DiffusionDataConfig = option(default_factory=DiffusionDataConfig, help="the captioned images")
     optim: DiffusionOptimConfig = option(default_factory=DiffusionOptimConfig, help="the optimizer")
     seed: int = option(0, help="seeds the initialisation, the noise and timesteps, and the batch order")
@@ -97,7 +102,9 @@ class DiffusionTrainConfig(ConfigBase):
         from ..methods import get_method  # the registry sits above the run config's module
 
         d = self.data
-        get_method(self.method.name, "diffusion").read_options(self.method.config, None, "diffusion")
+        method = get_method(self.method.name, "diffusion")
+        method.read_options(self.method.config, None, "diffusion")
+        check_backbone_dtype(self.backbone_dtype, method, "diffusion")
         # Paths are read (and missing ones reported) when a run loads its data, not here: a finished run's
         # config must still load (`generate`, `load_run`) after its training images are gone.
         if d.source != "mnist":

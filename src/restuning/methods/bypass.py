@@ -30,6 +30,6 @@ def load(method: Method, backbone: nn.Module, directory: Path, meta: dict[str, A
 
 
 register_method(Method("bypass", build, options=BypassConfig, tasks=("classification", "diffusion"),
-                       reads_frozen_backbone=True, multi_task=True, save=save, load=load,
+                       reads_frozen_backbone=True, multi_task=True, low_precision=True, save=save, load=load,
                        checkpoint_names=("restuning_bypass", "restuning_bypass_unet"),
                        summary="Res-Tuning-Bypass (BypassConfig)"))

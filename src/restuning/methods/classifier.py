@@ -49,7 +49,8 @@ class LastLayerClassifier(ParameterReport, nn.Module):
 
     def forward(self, **inputs: Any) -> torch.Tensor:
         """Backbone inputs as the backbone takes them -> logits (B, num_classes)."""
-        last = self.taps(lambda: self.runner(**inputs))[-1]
+        # The head's dtype: float32 beside a low-precision backbone.
+        last = self.taps(lambda: self.runner(**inputs))[-1].to(self.head.weight.dtype)
         if self.plan.layout == "map":
             last = last.movedim(1, -1)
         norm = self._backbone[0].get_submodule(self.plan.final_norm) if self.plan.final_norm else None

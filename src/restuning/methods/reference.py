@@ -24,7 +24,8 @@ def full(backbone: nn.Module, options: Any, num_classes: int | None) -> nn.Modul
     return LastLayerClassifier(backbone, backbone, num_classes, frozen=False)
 
 
-register_method(Method("linear", linear, reads_frozen_backbone=False, summary="linear probing: a head on the frozen "
+register_method(Method("linear", linear, reads_frozen_backbone=False, low_precision=True,
+                       summary="linear probing: a head on the frozen "
                        "backbone's read-out"))
 register_method(Method("full", full, tasks=("classification", "diffusion"), trains_backbone=True,
                        summary="full fine-tuning"))

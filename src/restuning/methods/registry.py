@@ -39,6 +39,8 @@ class Method:
             backbone forward (`MultiTaskBypass`), at prediction and generation.
         trains_backbone: it trains the backbone's own parameters (full fine-tuning, BitFit), some of which the
             loss may not reach (DDP's find_unused_parameters).
+        low_precision: its backbone may be held in bfloat16 or int8 (`backbone_dtype`): it trains none of the
+            backbone's own weights, and what it trains reads the backbone through float32 boundaries.
         defaults: per task, option values merged under the user's (e.g. PEFT LoRA's targets in a UNet).
         parse: reads `method.config` (a mapping) into the options `build` takes; default: `options.from_dict`.
         save: `(model, directory, meta)` writes the checkpoint; default: the trainable tensors.
@@ -54,6 +56,7 @@ class Method:
     reads_frozen_backbone: bool = False
     multi_task: bool = False
     trains_backbone: bool = False
+    low_precision: bool = False
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     parse: Callable[[dict[str, Any], int | None], Any] | None = None
     save: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None

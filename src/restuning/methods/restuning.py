@@ -61,10 +61,11 @@ def _preset(name: str) -> Method:
 
     # Saved as a plain `restuning` checkpoint of the resolved config, so it loads as one.
     summary = f"Res-Tuner preset {json.dumps(PRESETS[name])}; method.config: `restuning` options merged over it"
-    return Method(name, build_preset, parse=parse, save=save, load=load, summary=summary)
+    return Method(name, build_preset, parse=parse, low_precision=True, save=save, load=load, summary=summary)
 
 
 register_method(Method("restuning", build, options=ResTuningConfig, tasks=("classification", "diffusion"),
-                       save=save, load=load, summary="Res-Tuners in parallel to frozen ops (ResTuningConfig)"))
+                       low_precision=True, save=save, load=load,
+                       summary="Res-Tuners in parallel to frozen ops (ResTuningConfig)"))
 for _name in PRESETS:
     register_method(_preset(_name))

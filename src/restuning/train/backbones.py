@@ -13,6 +13,7 @@ from .. import assets
 from ..config import ConfigError
 from ..data import LabelledData
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise, resize
+from ..precision import set_backbone_dtype
 
 SHIPPED = ("all-MiniLM-L6-v2", "dinov2-small", "efficientnet-lite0")
 
@@ -45,8 +46,16 @@ class Backbone:
         return normalise(images, self.mean, self.std)
 
 
-def load_backbone(name: str) -> Backbone:
-    """`name`: a shipped asset, a local folder or a Hugging Face id (needs the network unless cached)."""
+def load_backbone(name: str, dtype: str = "float32") -> Backbone:
+    """`name`: a shipped asset, a local folder or a Hugging Face id (needs the network unless cached), held in
+    `dtype` (`backbone_dtype`: a folder or id is read straight into bfloat16 for a low-precision one, so that
+    no float32 copy is ever made; int8 then quantizes its linear layers)."""
+    backbone = _load(name, dtype)
+    set_backbone_dtype(backbone.model, dtype)
+    return backbone
+
+
+def _load(name: str, dtype: str) -> Backbone:
     if name == "all-MiniLM-L6-v2":
         model, tokenizer = assets.minilm()
         return Backbone(name, model, "text", "input_ids", tokenizer)
@@ -57,7 +66,7 @@ def load_backbone(name: str) -> Backbone:
     from transformers import AutoModel
 
     try:
-        model = AutoModel.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, **({} if dtype == "float32" else {"dtype": torch.bfloat16}))
     except (OSError, ValueError) as err:
         raise ConfigError(f"backbone: cannot load {name!r} (shipped: {SHIPPED}; else a HF id or folder): {err}"
                           ) from err

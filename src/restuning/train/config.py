@@ -11,6 +11,7 @@ from typing import Any
 from ..config import ConfigBase, from_dict, option, read_yaml
 from ..data.sources import TABLE_SUFFIXES, table_columns
 from ..errors import ConfigError
+from ..precision import BACKBONE_DTYPES
 
 DATA_NAMES = ("mnist", "digits", "tweets", "image_folder", "text_table", "hf")
 SHIPPED_SETS = ("mnist", "digits", "tweets")
@@ -75,6 +76,11 @@ class TrainConfig(ConfigBase):
     backbone: str = option("dinov2-small", help="a shipped asset (`all-MiniLM-L6-v2`, `dinov2-small`, "
                            "`efficientnet-lite0`), a Hugging Face id, or a local model folder")
     method: MethodConfig = option(default_factory=MethodConfig, help="the training method and its options")
+    backbone_dtype: str = option("float32", choices=BACKBONE_DTYPES, help="how the frozen backbone is held: "
+                                 "`float32`, `bfloat16`, or `int8` (its linear layers' weights int8 weight-only, "
+                                 "through torchao; it computes in bfloat16); what trains and its optimizer stay "
+                                 "float32 (QLoRA-style), and checkpoints are the same; for methods that train none of "
+                                 "the backbone's own weights (`restuning config` marks them)")
     data: DataConfig = option(default_factory=DataConfig, help="what the run trains and evaluates on")
     optim: OptimConfig = option(default_factory=OptimConfig, help="the optimizer and its schedule")
     seed: int = option(0, help="seeds the data split, the initialisation and the batch order")
@@ -101,9 +107,22 @@ class TrainConfig(ConfigBase):
     def validate(self) -> None:
         from ..methods import get_method  # the registry sits above the run config's module
 
-        get_method(self.method.name, "classification").read_options(self.method.config)
+        method = get_method(self.method.name, "classification")
+        method.read_options(self.method.config)
+        check_backbone_dtype(self.backbone_dtype, method, "classification")
         if self.data.name in ("image_folder", "text_table", "hf") and not self.data.path:
             raise ConfigError(f"data.path: data.name {self.data.name!r} needs a path")
+
+
+def check_backbone_dtype(dtype: str, method: Any, task: str) -> None:
+    """A low-precision backbone is for methods that train none of its own weights (`Method.low_precision`)."""
+    if dtype != "float32" and not method.low_precision:
+        from ..methods.registry import METHODS
+
+        able = sorted(n for n, m in METHODS.items() if m.low_precision and task in m.tasks)
+        raise ConfigError(f"backbone_dtype: {dtype} holds the frozen backbone in low precision, but method "
+                          f"{method.name!r} does not support it (it trains the backbone's own weights); use "
+                          f"float32, or one of {able}")
 
 
 def check_data_files(config: TrainConfig) -> None:
@@ -130,6 +149,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
 
 
 __all__ = [
-    "check_data_files", "DataConfig", "from_dict", "load_config", "MethodConfig", "OptimConfig", "read_yaml",
-    "TrainConfig",
+    "check_backbone_dtype", "check_data_files", "DataConfig", "from_dict", "load_config", "MethodConfig",
+    "OptimConfig", "read_yaml", "TrainConfig",
 ]

@@ -26,8 +26,8 @@ class FinishedRun:
     classes: list[str]
 
     def backbone(self) -> Backbone:
-        """A fresh copy of the run's backbone, with its input recipe."""
-        return load_backbone(self.config.backbone)
+        """A fresh copy of the run's backbone, with its input recipe, held in the run's `backbone_dtype`."""
+        return load_backbone(self.config.backbone, self.config.backbone_dtype)
 
     def model(self, backbone: Backbone) -> nn.Module:
         """The trained model on `backbone` (which it changes: tuners attach to it), frozen, in eval mode."""

@@ -91,7 +91,7 @@ class Trainer(TrainingLoop):
     def setup(self) -> None:
         config, method = self.config, self.method
         check_data_files(config)
-        self.backbone = load_backbone(config.backbone)
+        self.backbone = load_backbone(config.backbone, config.backbone_dtype)
         # Counted before the method attaches anything (PEFT injects its LoRA weights into the backbone itself).
         self.backbone_params = sum(p.numel() for p in self.backbone.model.parameters())
         self.data = load_data(config, self.backbone)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import TunerSpec
 from ..errors import ConfigError
+from ..precision import run_frozen
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,9 +58,9 @@ class FrozenAttention:
     def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `tokens` (..., in_width) through the frozen projections: (..., H_kv d) each."""
         if self.fused:
-            _, k, v = self.split_fused(self.query(tokens))
+            _, k, v = self.split_fused(run_frozen(self.query, tokens))
             return k, v
-        return self.key(tokens), self.value(tokens)
+        return run_frozen(self.key, tokens), run_frozen(self.value, tokens)
 @dataclass(frozen=True, eq=False)
 class OpContext:
     """What a tuner may know of the op it is attached to."""

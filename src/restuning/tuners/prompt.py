@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attention import split_heads
+from ..precision import run_frozen
 from .base import OpContext, register_tuner
 from .prefix import _PrefixLike
 
@@ -41,6 +42,6 @@ class ResPrompt(_PrefixLike):
         att = self._attention
         tokens = self.prompt.unsqueeze(0)  # (1, n, D)
         if att.norm is not None:
-            tokens = att.norm(tokens)
+            tokens = run_frozen(att.norm, tokens)
         keys, values = att.keys_values(tokens)
         return split_heads(keys, att.num_kv_heads), split_heads(values, att.num_kv_heads)

@@ -1,0 +1,156 @@
+"""Frozen backbones held in low precision (`backbone_dtype`): `bfloat16`, or `int8` weight-only.
+
+QLoRA-style: the frozen backbone's weights are stored in bfloat16 (or its linear layers' weights in int8 with
+a bfloat16 scale per output channel, through torchao) and it computes in bfloat16; whatever trains (tuners,
+the bypass, side networks, heads) and its optimizer state stay float32. Tensors cross between the two at the
+trainable modules' inputs (cast up) and outputs (cast back to the backbone's dtype), so gradients reach the
+tuners through the frozen, dequantized weights. Checkpoints hold only the float32 trainable tensors, whatever
+the backbone's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+BACKBONE_DTYPES = ("float32", "bfloat16", "int8")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_MARK = "_restuning_backbone_dtype"
+
+
+def set_backbone_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """Hold the frozen `model` in `dtype` (one of `BACKBONE_DTYPES`), in place; returns `model`. `float32`
+    leaves it as it is.
+
+    `bfloat16`: every floating parameter and buffer in bfloat16. `int8`: the same, then the weight of every
+    `nn.Linear` quantized to int8 weight-only (torchao's `Int8WeightOnlyConfig`; convolutions stay bfloat16).
+    Float32 inputs of the model's own forward (of two or more dimensions) are cast to bfloat16 by a pre-hook.
+    Call it before a method attaches its tuners, which are then built in float32 (`trainable_dtype`)."""
+    if dtype not in BACKBONE_DTYPES:
+        raise ConfigError(f"backbone_dtype: expected one of {list(BACKBONE_DTYPES)}, got {dtype!r}")
+    if dtype == "float32":  # as loaded (a backbone stored in bfloat16 by mixed precision stays so)
+        return model
+    current = backbone_dtype(model)
+    if BACKBONE_DTYPES.index(dtype) < BACKBONE_DTYPES.index(current):
+        raise ConfigError(f"backbone_dtype: this backbone is already held in {current}; load it again to hold it "
+                          f"in {dtype}")
+    if getattr(model, _MARK, None) == dtype:
+        return model
+    model.requires_grad_(False)
+    model.to(torch.bfloat16)
+    if dtype == "int8":
+        quantize_linear_int8(model)
+    model.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
+    setattr(model, _MARK, dtype)
+    return model
+
+
+def quantize_linear_int8(model: nn.Module) -> None:
+    """Every `nn.Linear` weight of `model` to int8 weight-only (torchao), in place."""
+    quantize_, config = _torchao()
+    quantize_(model, config(), filter_fn=lambda module, name: isinstance(module, nn.Linear))
+
+
+def _torchao() -> tuple[Any, Any]:
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        raise ConfigError("backbone_dtype int8 needs torchao: pip install 'restuning[quant]'") from err
+    return quantize_, Int8WeightOnlyConfig
+
+
+class _ImportNoise(logging.Filter):
+    """torchao (imported by us or by PEFT) logs a warning for each optional GPU kernel library it cannot load on
+    this machine, and torch one per Enum it registers with torch.compile; neither says anything to a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load ") or "is an Enum subclass and is now natively" in message)
+
+
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).addFilter(_ImportNoise())
+
+
+def backbone_dtype(model: nn.Module) -> str:
+    """How `model` is held: `int8` (quantized linear weights), `bfloat16`, or `float32` (any other dtype)."""
+    mark = getattr(model, _MARK, None)
+    if mark is not None:
+        return mark
+    for p in model.parameters():
+        if is_quantized(p):
+            return "int8"
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return "bfloat16" if ref is not None and ref.dtype == torch.bfloat16 else "float32"
+
+
+def is_quantized(t: torch.Tensor) -> bool:
+    """A tensor subclass of packed low-bit data (torchao), not a plain tensor."""
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `t`'s data: `t` itself, or a quantized tensor's packed data and scales."""
+    if not is_quantized(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for n in names for inner in plain_tensors(getattr(t, n))]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes `t` holds (a quantized tensor's packed data and scales, not its dequantized size)."""
+    return sum(p.numel() * p.element_size() for p in plain_tensors(t))
+
+
+def trainable_dtype(ref: torch.Tensor | nn.Module) -> torch.dtype | None:
+    """The dtype trainable parameters take beside the frozen `ref` (a parameter, or a model's first one):
+    float32 beside a low-precision backbone, else the backbone's own floating dtype (float64 stays float64);
+    None when `ref` is not floating."""
+    if isinstance(ref, nn.Module):
+        ref = next(ref.parameters())
+    if not ref.is_floating_point():
+        return None
+    return torch.float32 if ref.dtype in LOW_PRECISION or is_quantized(ref) else ref.dtype
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype `module` computes in: that of its first floating parameter (a quantized weight reports its
+    dequantized dtype); None without one."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def run_frozen(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` with the output in `x`'s dtype, for a frozen backbone module (a final norm, a projection)
+    called on a trainable state: a low-precision module runs in its own dtype, gradients still reach `x`."""
+    dtype = compute_dtype(module)
+    if dtype is None or dtype == x.dtype:
+        return module(x)
+    return module(x.to(dtype)).to(x.dtype)
+
+
+def in_dtype(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """`tensors` cast to floating `dtype` (None, and non-floating tensors, as they are)."""
+    return tuple(t.to(dtype) if dtype is not None and t is not None and t.is_floating_point() and t.dtype != dtype
+                 else t for t in tensors)
+
+
+def _cast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return _cast_floats(args), {k: _cast_floats(v) for k, v in kwargs.items()}
+
+
+def _cast_floats(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        # Timesteps and other scalars per sample (dim < 2) keep float32: bfloat16 would round 999 to 1000.
+        return value.to(torch.bfloat16) if value.dtype == torch.float32 and value.dim() >= 2 else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v) for v in value)
+    return value
+
+
+__all__ = ["BACKBONE_DTYPES", "backbone_dtype", "compute_dtype", "in_dtype", "is_quantized", "plain_tensors",
+           "run_frozen", "set_backbone_dtype", "tensor_bytes", "trainable_dtype"]

@@ -1,0 +1,276 @@
+"""Low-precision frozen backbones (`backbone_dtype`: bfloat16, int8 weight-only): one set of checks over model
+families x methods x dtypes (the common tester's shape), then checkpoints, the feature cache, configs and runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CASES, CNN_CASES, FAMILY_CASES, tiny_vit_folder, train_steps
+
+import restuning
+from restuning import BypassConfig, ConfigError, FeatureCache, ResTuningConfig, TunerSpec
+from restuning.bypass.cache import fingerprint
+from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from restuning.memory import SavedTensorMeter, state_bytes
+from restuning.methods import get_method, load_model, save_model
+from restuning.precision import backbone_dtype, is_quantized, plain_tensors, set_backbone_dtype
+from restuning.train.config import TrainConfig, from_dict
+from restuning.train.evaluate import evaluate_run
+from restuning.train.trainer import Trainer
+
+TUNED = {**CASES, **FAMILY_CASES}
+TUNERS = [("res_adapter", "mha"), ("res_prefix", "mha"), ("res_prompt", "mha"), ("lora", "mha"), ("ssf", "ffn")]
+# Frozen-backbone methods read one chain of token layers (side networks) or also CNN stages (bypass, linear).
+READERS = {**CASES, **{k: v for k, v in FAMILY_CASES.items() if k not in ("swin", "clip_model")}}
+FROZEN_METHODS = ["bypass", "linear", "side_tuning", "lst", "peft_lora"]
+# Every pair in int8 (which computes in bfloat16 too, through quantized linear layers); bfloat16 on a subset.
+TUNER_MATRIX = [(m, t, o, "int8") for m in sorted(TUNED) for t, o in TUNERS] + [
+    (m, t, o, "bfloat16") for m in sorted(TUNED) for t, o in TUNERS[:2]]
+FROZEN_MATRIX = [(m, f, "int8") for m in sorted(READERS) for f in FROZEN_METHODS] + [
+    (m, f, "bfloat16") for m in sorted(READERS) for f in ("bypass", "peft_lora")]
+
+
+def _held(dtype: str, case) -> torch.nn.Module:
+    base = case.model()
+    return set_backbone_dtype(base, dtype)
+
+
+def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor holding the backbone's own weights (a quantized weight's packed data and scales), copied;
+    not the LoRA weights PEFT injects into it."""
+    return {f"{n}#{i}": t.detach().clone() for n, p in model.state_dict().items() if "lora_" not in n
+            for i, t in enumerate(plain_tensors(p))}
+
+
+def _assert_held_in(model: torch.nn.Module, dtype: str) -> None:
+    assert backbone_dtype(model) == dtype
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    assert floats and all(p.dtype == torch.bfloat16 for p in floats)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(is_quantized(m.weight) == (dtype == "int8") for m in linears)
+
+
+# --- the common checks: Res-Tuners on a low-precision backbone ---------------------------------------
+@pytest.mark.parametrize("model_name,tuner,op,dtype", TUNER_MATRIX)
+def test_tuners_train_in_float32_on_a_low_precision_backbone(model_name, tuner, op, dtype):
+    case = TUNED[model_name]
+    base = _held(dtype, case)
+    _assert_held_in(base, dtype)
+    reference = case.read(base(**case.inputs())).detach()
+    before = _plain_state(base)
+    tuned = restuning.get_restuning_model(base, ResTuningConfig(**{"mha": None, "ffn": None, op: TunerSpec(tuner, 4)}))
+    trainable = [p for p in tuned.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    out = case.read(tuned(**case.inputs()))
+    torch.testing.assert_close(out, reference, atol=0, rtol=0)  # zero at init, in the backbone's own dtype
+    tuned.train()
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    for _ in range(2):  # two steps: zero-initialised branches open after the first
+        loss = (case.read(tuned(**case.inputs())).float() * torch.linspace(-1, 1, out.shape[-1])).sum()
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None or (p.grad.dtype == torch.float32 and p.grad.isfinite().all()) for p in trainable)
+        opt.step()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert not torch.equal(case.read(tuned.eval()(**case.inputs())), reference), "training changed nothing"
+    after = _plain_state(base)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# --- frozen-backbone methods, and PEFT's LoRA QLoRA-style ----------------------------------------------
+def _logits(method: str, case, dtype: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    base = _held(dtype, case) if dtype != "float32" else case.model()
+    entry = get_method(method)
+    torch.manual_seed(seed)
+    model = entry.build(base, entry.read_options({}, 3), 3)
+    return model, model(**case.inputs())
+
+
+@pytest.mark.parametrize("model_name,method,dtype", FROZEN_MATRIX)
+def test_frozen_backbone_methods_train_in_float32_and_stay_close_to_float32(model_name, method, dtype):
+    case = READERS[model_name]
+    exact_model, exact = _logits(method, case, "float32")
+    model, logits = _logits(method, case, dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable) and logits.dtype == torch.float32
+    # The same weights and initialisation: only the backbone's precision differs (bf16 rounding, int8 per-channel
+    # scales). Bounds for these random width-32 models (measured: median 0.4-0.5%, worst 2% bf16 and 11% int8).
+    bound = 0.05 if dtype == "bfloat16" else 0.15
+    error = ((logits - exact).norm() / exact.norm()).item()
+    assert error < bound, f"relative error {error:.3f} against float32"
+    backbone = model.base_model if hasattr(model, "base_model") else model._backbone[0]
+    before = _plain_state(backbone)
+    start = [p.detach().clone() for p in trainable]
+    target = torch.tensor([0, 1])
+    losses = train_steps(model, case.inputs(), target, steps=3, lr=1e-3)
+    reference = train_steps(exact_model, case.inputs(), target, steps=3, lr=1e-3)
+    assert all(abs(a - b) < bound * abs(b) for a, b in zip(losses, reference, strict=True)), (losses, reference)
+    assert any(not torch.equal(p, s) for p, s in zip(trainable, start, strict=True)), "nothing trained"
+    after = _plain_state(backbone)
+    assert all(torch.equal(after[k], before[k]) for k in before), "the frozen backbone changed"
+
+
+@pytest.mark.parametrize("model_name", sorted(CNN_CASES))
+@pytest.mark.parametrize("method", ["bypass", "linear", "restuning"])
+def test_cnn_backbones_in_int8_train(model_name, method):
+    case = CNN_CASES[model_name]
+    base = _held("int8", case)
+    entry = get_method(method)
+    options = {"mha": None, "ffn": None, "block": {"name": "res_adapter", "dim": 4}} if method == "restuning" else {}
+    model = entry.build(base, entry.read_options(options, 3), 3)
+    losses = train_steps(model, case.inputs(), torch.tensor([0, 2]), steps=3)
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+# --- checkpoints: the same format whatever the backbone's dtype ----------------------------------------
+@pytest.mark.parametrize("method", ["bypass", "restuning", "peft_lora"])
+def test_a_checkpoint_is_the_same_whatever_the_backbone_dtype_and_loads_on_any(tmp_path, method):
+    case = CASES["vit"]
+    saved = {}
+    for dtype in ("float32", "bfloat16", "int8"):
+        model, _ = _logits(method, case, dtype)
+        train_steps(model, case.inputs(), torch.tensor([0, 1]), steps=2)
+        backbone = model.base_model if hasattr(model, "base_model") else model._backbone[0]
+        save_model(model, method, {}, 3, backbone, tmp_path / dtype)
+        saved[dtype] = model
+        meta = json.loads((tmp_path / dtype / CONFIG_NAME).read_text())
+        assert "backbone_dtype" not in json.dumps(meta), "the checkpoint records nothing of the backbone's dtype"
+    from safetensors.torch import load_file
+
+    files = {d: load_file(tmp_path / d / WEIGHTS_NAME) for d in saved}
+    for d in ("bfloat16", "int8"):
+        assert files[d].keys() == files["float32"].keys()
+        assert all(t.dtype == torch.float32 for t in files[d].values())
+    # Trained on an int8 backbone, opened on int8 (as trained) and on float32 (format independence).
+    again = load_model(_held("int8", case), tmp_path / "int8")
+    torch.testing.assert_close(again(**case.inputs()), saved["int8"].eval()(**case.inputs()), atol=1e-5, rtol=0)
+    on_fp32 = load_model(case.model(), tmp_path / "int8")(**case.inputs())
+    assert ((on_fp32 - again(**case.inputs())).norm() / on_fp32.norm()) < 0.1
+
+
+# --- the feature cache and what the bypass keeps ------------------------------------------------------
+def test_the_feature_cache_key_includes_the_backbone_dtype_and_keeps_low_precision_features(tmp_path):
+    case = CASES["vit"]
+    inputs = case.inputs()["pixel_values"]
+    models = {d: restuning.get_restuning_model(_held(d, case) if d != "float32" else case.model(), BypassConfig())
+              for d in ("float32", "bfloat16", "int8")}
+    keys = {d: fingerprint(m, inputs) for d, m in models.items()}
+    assert len(set(keys.values())) == 3
+    for d in ("bfloat16", "int8"):
+        cached = FeatureCache().get(models[d], inputs)
+        assert all(f.dtype == torch.bfloat16 for f in cached.features)
+        store = FeatureCache(tmp_path / d)
+        store.get(models[d], inputs)
+        assert json.loads((tmp_path / d / "cache.json").read_text())["dtype"] == "torch.bfloat16"
+    # One folder, another dtype: the stored features are not reused.
+    store = FeatureCache(tmp_path / "int8")
+    store.get(models["bfloat16"], inputs)
+    assert store.status == "rebuilt"
+
+
+def _saved_bytes(dtype: str) -> tuple[int, int]:
+    """Bytes autograd saves in a live bypass forward (recompute on), and those of its tapped features."""
+    case = CASES["bert"]
+    base = _held(dtype, case) if dtype != "float32" else case.model()
+    model = restuning.get_restuning_model(base, BypassConfig(num_classes=2))
+    features = model.features(**case.inputs())
+    with SavedTensorMeter(model.parameters()) as meter:
+        loss = model.forward_live(features, case.inputs()["attention_mask"]).sum()
+    loss.backward()
+    return meter.bytes, sum(f.numel() * f.element_size() for f in features)
+
+
+def test_the_bypass_keeps_a_low_precision_backbone_taps_in_low_precision_for_backward():
+    saved32, taps32 = _saved_bytes("float32")
+    saved16, taps16 = _saved_bytes("bfloat16")
+    assert taps16 * 2 == taps32
+    # Each checkpointed step keeps its x_l (bfloat16 here, not a float32 copy) and the float32 state b_{l-1}.
+    assert saved16 <= 0.8 * saved32, (saved16, saved32)
+
+
+def test_parameter_bytes_count_the_packed_int8_weights():
+    case = CASES["vit"]
+    sizes = {d: state_bytes(_held(d, case) if d != "float32" else case.model())["parameters"]
+             for d in ("float32", "bfloat16", "int8")}
+    assert sizes["bfloat16"] * 2 == sizes["float32"]
+    assert sizes["int8"] < 0.75 * sizes["bfloat16"]
+
+
+# --- configs and errors -------------------------------------------------------------------------------
+def test_bad_backbone_dtypes_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"backbone_dtype: expected one of \['float32', 'bfloat16', 'int8'\]"):
+        from_dict(TrainConfig, {"backbone_dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"backbone_dtype: bfloat16 .* method 'full' does not support it .*'bypass'"):
+        from_dict(TrainConfig, {"backbone_dtype": "bfloat16", "method": {"name": "full"}})
+    with pytest.raises(ConfigError, match="method 'bitfit' does not support it"):
+        from_dict(TrainConfig, {"backbone_dtype": "int8", "method": {"name": "bitfit"}})
+    base = _held("int8", CASES["vit"])
+    with pytest.raises(ConfigError, match="already held in int8; load it again to hold it in bfloat16"):
+        set_backbone_dtype(base, "bfloat16")
+    with pytest.raises(ConfigError, match="expected one of"):
+        set_backbone_dtype(CASES["vit"].model(), "int4")
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,dtype", [("bypass", "int8"), ("restuning", "bfloat16"), ("lst", "bfloat16")])
+def test_a_run_with_a_low_precision_backbone_trains_and_its_final_model_evaluates_the_same(tmp_path, method, dtype):
+    config = from_dict(TrainConfig, {
+        "backbone": str(tiny_vit_folder(tmp_path)), "method": {"name": method}, "backbone_dtype": dtype,
+        "data": {"name": "mnist", "train_size": 96, "test_size": 64, "image_size": 16},
+        "optim": {"epochs": 2, "batch_size": 16, "lr": 0.01, "warmup_epochs": 0.5},
+        "output_dir": str(tmp_path / "run"),
+    })
+    trainer = Trainer(config, progress=False)
+    result = trainer.run()
+    assert backbone_dtype(trainer.backbone.model) == dtype
+    records = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    # final/ is opened on a backbone held as the run held it, so it evaluates to the run's own accuracy.
+    assert evaluate_run(config.output_dir)["test_accuracy"] == result["test_accuracy"]
+
+
+def test_the_unet_bypass_on_an_int8_unet_starts_at_the_frozen_unet_and_trains():
+    from test_unet_bypass import inputs
+
+    from restuning.diffusion.pipeline import tiny_unet
+
+    unet = set_backbone_dtype(tiny_unet(cross_attention_dim=32), "int8")
+    _assert_held_in(unet, "int8")
+    batch = inputs()
+    with torch.no_grad():
+        frozen = unet(**batch).sample
+    model = restuning.get_restuning_model(unet, BypassConfig())
+    torch.testing.assert_close(model(**batch), frozen, atol=0, rtol=0)
+    before = _plain_state(unet)
+    target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    losses = train_steps(model, batch, target, lambda out, t: torch.nn.functional.mse_loss(out.float(), t), steps=4)
+    assert losses[-1] < losses[0]
+    after = _plain_state(unet)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("method", ["bypass", "restuning"])
+def test_a_diffusion_run_on_an_int8_unet_trains_and_reopens_on_an_int8_unet(tmp_path, method):
+    from test_diffusion import run_config
+
+    from restuning.diffusion.pipeline import tiny_pipeline
+    from restuning.diffusion.train import DiffusionTrainer, load_run
+    from restuning.diffusion.train_config import DiffusionTrainConfig
+
+    config = run_config(tmp_path, method).to_dict()
+    config["backbone_dtype"] = "int8"
+    components = tiny_pipeline(0)
+    trainer = DiffusionTrainer(from_dict(DiffusionTrainConfig, config), progress=False, components=components)
+    _assert_held_in(components.unet, "int8")
+    before = _plain_state(components.unet)
+    result = trainer.run()
+    assert result["eval_loss"] < result["eval_loss_start"], result
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    after = _plain_state(components.unet)
+    assert all(torch.equal(after[k], before[k]) for k in before), "the frozen UNet changed"
+    reopened, denoiser, _ = load_run(config["output_dir"])
+    _assert_held_in(reopened.unet, "int8")
