@@ -45,8 +45,9 @@ NUM_CLASSES = 100
 
 
 def _backbone(image_size: int, layers: int, device: str, dtype: str = "float32") -> nn.Module:
-    """A ViT-B/16 of `layers` blocks, built directly in bfloat16 for a low-precision `dtype` (as
-    `from_pretrained(..., dtype=torch.bfloat16)` loads one), so that no float32 copy counts in the peak."""
+    """A ViT-B/16 of `layers` blocks with random weights, allocated in place as `from_pretrained` loads one (on
+    the meta device, then storage of the final dtype filled in place), in bfloat16 for a low-precision `dtype`:
+    neither a float32 copy nor the initialisers' temporaries count in the peak."""
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(image_size=image_size, patch_size=16, num_hidden_layers=layers, hidden_dropout_prob=0.0,
@@ -55,9 +56,19 @@ def _backbone(image_size: int, layers: int, device: str, dtype: str = "float32")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32 if dtype == "float32" else torch.bfloat16)
     try:
-        return ViTModel(config, add_pooling_layer=False).to(device)
+        with torch.device("meta"):
+            model = ViTModel(config, add_pooling_layer=False)
     finally:
         torch.set_default_dtype(torch.float32)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.LayerNorm):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                else:
+                    p.normal_(0.0, 0.02)
+    return model
 
 
 def build(method: str, image_size: int, layers: int, device: str, dtype: str = "float32") -> nn.Module:

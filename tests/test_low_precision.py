@@ -25,7 +25,7 @@ TUNED = {**CASES, **FAMILY_CASES}
 TUNERS = [("res_adapter", "mha"), ("res_prefix", "mha"), ("res_prompt", "mha"), ("lora", "mha"), ("ssf", "ffn")]
 # Frozen-backbone methods read one chain of token layers (side networks) or also CNN stages (bypass, linear).
 READERS = {**CASES, **{k: v for k, v in FAMILY_CASES.items() if k not in ("swin", "clip_model")}}
-FROZEN_METHODS = ["bypass", "linear", "side_tuning", "lst", "peft_lora"]
+FROZEN_METHODS = ["bypass", "linear", "side_tuning", "lst", "dtl", "dtl_plus", "peft_lora"]
 # Every pair in int8 (which computes in bfloat16 too, through quantized linear layers); bfloat16 on a subset.
 TUNER_MATRIX = [(m, t, o, "int8") for m in sorted(TUNED) for t, o in TUNERS] + [
     (m, t, o, "bfloat16") for m in sorted(TUNED) for t, o in TUNERS[:2]]

@@ -145,7 +145,7 @@ def _checkpoint(out: Path) -> Path:
     return checkpoint
 
 
-@pytest.mark.parametrize("method", ["linear", "full", "restuning", "bypass", "lst", "peft_lora", "bitfit"])
+@pytest.mark.parametrize("method", ["linear", "full", "restuning", "bypass", "lst", "dtl_plus", "peft_lora", "bitfit"])
 def test_every_method_trains_and_writes_its_files(tmp_path, method):
     config = _config(tmp_path, method)
     result = Trainer(config, progress=False).run()
