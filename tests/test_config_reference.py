@@ -96,7 +96,8 @@ def test_every_method_and_its_options_are_listed():
                 if f.name != "num_classes":  # set from the data; method.config refuses it
                     assert f"    method.config.{f.name}: " in text
     assert "method.config.num_classes" not in text
-    assert "    method.config.pooling: str = \"auto\"  (one of \"auto\", \"cls\", \"mean\", \"avg\", \"last\")" in text
+    assert ('    method.config.pooling: str = "auto"  (one of "auto", "cls", "mean", "avg", "last", "attention")'
+            in text)
     # the tuners' own options come from their signatures and option_choices
     assert '    options.mode: str = "gated"  (one of "gated", "exact")' in text
     assert '    options.act: str = "gelu"  (one of "gelu", "relu", "silu", "identity")' in text

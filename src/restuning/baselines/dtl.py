@@ -34,6 +34,7 @@ from ..hooks import add_to_output, first_input, output_tensor
 from ..methods.registry import Method, register_method
 from ..params import ParameterReport
 from ..precision import trainable_dtype
+from ..spatial import mix_tokens
 
 POOLINGS = ("auto", "cls", "mean")
 
@@ -84,13 +85,7 @@ class TokenFusion(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         """r: (B, T, D) -> (B, T, D)."""
-        b, t, d = r.shape
-        side = math.isqrt(t - 1) if t > 1 else 0
-        if side > 1 and side * side == t - 1:
-            patches = r[:, 1:].reshape(b, side, side, d).permute(0, 3, 1, 2)
-            fused = self.grid(patches).permute(0, 2, 3, 1).reshape(b, side * side, d)
-            return torch.cat([r[:, :1], fused], dim=1)
-        return self.sequence(r.transpose(1, 2)).transpose(1, 2)
+        return mix_tokens(r, self.grid, self.sequence)
 
 
 class DisentangledTransfer(ParameterReport, nn.Module):

@@ -8,7 +8,8 @@ from typing import Any
 from ..config import ConfigBase, TunerSpec, check_family, option
 from ..errors import ConfigError
 
-POOLINGS = ("auto", "cls", "mean", "avg", "last")
+POOLINGS = ("auto", "cls", "mean", "avg", "last", "attention")
+COMBINES = ("gates", "softmax")
 VARIANTS = ("none", "horizontal", "vertical", "both")
 
 
@@ -34,8 +35,13 @@ class BypassConfig(ConfigBase):
                                      "from its data")
     pooling: str = option("auto", choices=POOLINGS, help="`cls` (first token), `mean` (over the attention mask), "
                           "`avg` (spatial mean of a feature map), `last` (the last non-padding token by the "
-                          "attention mask, whichever side pads: a decoder's summary), or `auto`: `avg` for CNNs, "
+                          "attention mask, whichever side pads: a decoder's summary), `attention` (a learned query "
+                          "attends over the final state's tokens; the mean at init), or `auto`: `avg` for CNNs, "
                           "`last` for decoders (causal LMs), `mean` for text encoders, `cls` otherwise")
+    combine: str = option("gates", choices=COMBINES, help="how the layers join: `gates` (eq. 8's chain, "
+                          "`b_l = lam_l H_l(x_l) + (1 - lam_l) V_l(b_{l-1})`) or `softmax` (a learned softmax over "
+                          "the layers, `b = sum_l w_l H_l(x_l)`, UniPT/SHERL-style; equal weights at init; no "
+                          "vertical tuners, and one width and token count across the layers)")
     final_norm: bool = option(True, help="apply the backbone's own (frozen) final norm to the last bypass state")
     gate_init: float = option(0.0, help="initial `theta_l` (paper: 0, so `lam_l = 0.5`)")
     recompute: bool = option(True, help="keep only `b_{l-1}` of each bypass step for backward and recompute the step "
@@ -53,6 +59,9 @@ class BypassConfig(ConfigBase):
         self.horizontal = TunerSpec.coerce(self.horizontal, "horizontal")
         self.vertical = TunerSpec.coerce(self.vertical, "vertical")
         check_family(self.family)
+        if self.combine == "softmax" and self.vertical is not None:
+            raise ConfigError("combine: softmax weights each layer's H_l(x_l) on its own, with no chain between "
+                              "layers for vertical tuners to run on; set vertical: null")
 
     @classmethod
     def variant(cls, name: str, tuner: str = "res_adapter", **kwargs: Any) -> BypassConfig:

@@ -58,30 +58,44 @@ class BypassNetwork(nn.Module):
     def __init__(self, widths: list[int], config: BypassConfig, layout: str):
         super().__init__()
         depth = len(widths) - 1
-        self.recompute = config.recompute
-        self.theta = nn.Parameter(torch.full((depth,), float(config.gate_init)))
+        self.recompute, self.combine = config.recompute, config.combine
+        if config.combine == "softmax":
+            if len(set(widths[1:])) != 1:
+                raise ConfigError(f"combine: softmax sums the layers' features, which needs one width; the tapped "
+                                  f"layers have widths {sorted(set(widths[1:]))}")
+            self.layer_logits = nn.Parameter(torch.zeros(depth))  # equal weights at init
+        else:
+            self.theta = nn.Parameter(torch.full((depth,), float(config.gate_init)))
         self.horizontal = nn.ModuleList(
             Residual(_tuner(config.horizontal, w, w, config.dim, f"bypass horizontal {i}"))
             for i, w in enumerate(widths[1:])
         )
-        self.vertical = nn.ModuleList(
+        self.vertical = nn.ModuleList(  # no chain under softmax weighting
             VerticalStep(w_in, w_out, _tuner(config.vertical, w_out, w_out, config.dim, f"bypass vertical {i}"), layout)
             for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True))
-        )
+        ) if config.combine == "gates" else nn.ModuleList()
 
     @property
     def gates(self) -> torch.Tensor:
-        """lam_l = sigmoid(theta_l), (L,)."""
-        return torch.sigmoid(self.theta)
+        """lam_l = sigmoid(theta_l), (L,) (`combine: gates`); the layer weights softmax(w), (L,), otherwise."""
+        return torch.sigmoid(self.theta) if self.combine == "gates" else torch.softmax(self.layer_logits, 0)
+
+    @property
+    def mixing(self) -> nn.Parameter:
+        """The parameter that joins the layers (gates or layer logits): it always trains and sets the dtype."""
+        return self.theta if self.combine == "gates" else self.layer_logits
 
     def forward(self, features: list[torch.Tensor], recompute: bool | None = None) -> torch.Tensor:
         """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l), in any floating
         dtype: each `x_l` is cast to the bypass's dtype inside its step, so a low-precision backbone's features
         are not copied to float32 all at once (under `recompute`, backward keeps the low-precision `x_l`).
         Returns b_L. `recompute`: recompute each step in backward (None: the config's `recompute`)."""
-        b = features[0].to(self.theta.dtype)
+        mixing = self.mixing
         recompute = self.recompute if recompute is None else recompute
-        recompute = recompute and torch.is_grad_enabled() and self.theta.requires_grad
+        recompute = recompute and torch.is_grad_enabled() and mixing.requires_grad
+        if self.combine == "softmax":
+            return self._weighted(features[1:], recompute)
+        b = features[0].to(mixing.dtype)
         for i, x in enumerate(features[1:]):
             if recompute:
                 # Reentrant: the step's inputs go through ctx.save_for_backward, so what is kept stays
@@ -90,6 +104,24 @@ class BypassNetwork(nn.Module):
             else:
                 b = self._step(i, self.theta, b, x)
         return b
+
+    def _weighted(self, features: list[torch.Tensor], recompute: bool) -> torch.Tensor:
+        """sum_l softmax(w)_l H_l(x_l)."""
+        weights, b = torch.softmax(self.layer_logits, 0), None
+        for i, x in enumerate(features):
+            if b is not None and x.shape != b.shape:
+                raise ValueError(f"bypass combine softmax: layer {i} is {tuple(x.shape)}, the earlier ones "
+                                 f"{tuple(b.shape)}; the layers must agree to be summed")
+            if recompute:  # as the chain's steps: keep x_l (in the backbone's dtype) and recompute H_l in backward
+                h = checkpoint(self._horizontal, i, self.layer_logits, x, use_reentrant=True)
+            else:
+                h = self._horizontal(i, self.layer_logits, x)
+            term = weights[i].to(h.dtype) * h
+            b = term if b is None else b + term
+        return b
+
+    def _horizontal(self, i: int, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.horizontal[i](x.to(logits.dtype))
 
     def _step(self, i: int, theta: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = self.horizontal[i](x.to(theta.dtype))
@@ -133,6 +165,7 @@ class BypassTask(nn.Module):
         chosen = [plan.widths[0], *(plan.widths[i + 1] for i in self.layers)]
         self.bypass = BypassNetwork(chosen, config, plan.layout)
         self.head = nn.Linear(chosen[-1], config.num_classes) if config.num_classes else nn.Identity()
+        self.attention_pool = AttentionPool(chosen[-1]) if plan.pooling == "attention" else None
         # The backbone's final norm fits the bypass state if it ends at the last layer, or all widths agree.
         self.uses_final_norm = plan.final_norm is not None and (
             self.layers[-1] == plan.depth - 1 or len(set(plan.widths)) == 1
@@ -158,19 +191,42 @@ class BypassTask(nn.Module):
         if self.plan.layout == "map":
             chosen = [f.movedim(1, -1) for f in chosen]
         b = self.bypass(chosen, recompute)
-        return self.head(read_out(b, self.plan, attention_mask, final_norm if self.uses_final_norm else None))
+        return self.head(read_out(b, self.plan, attention_mask, final_norm if self.uses_final_norm else None,
+                                  self.attention_pool))
 
 
 def read_out(b: torch.Tensor, plan: TapPlan, attention_mask: torch.Tensor | None = None,
-             final_norm: nn.Module | None = None) -> torch.Tensor:
-    """The backbone's own read-out of a last-layer state: its final norm and the plan's pooling.
-    b: (B, T, D) or channels-last (B, H, W, C). Returns (B, D)."""
+             final_norm: nn.Module | None = None, attention_pool: AttentionPool | None = None) -> torch.Tensor:
+    """The backbone's own read-out of a last-layer state: its final norm and the plan's pooling (`attention`:
+    through `attention_pool`). b: (B, T, D) or channels-last (B, H, W, C). Returns (B, D)."""
     if final_norm is not None and not plan.norm_after_pool:
         b = run_frozen(final_norm, b)
-    pooled = pool(b, plan.pooling, attention_mask)
+    if plan.pooling == "attention":
+        if attention_pool is None:
+            raise ValueError("pooling 'attention' needs the task's AttentionPool")
+        pooled = attention_pool(b, attention_mask)
+    else:
+        pooled = pool(b, plan.pooling, attention_mask)
     if final_norm is not None and plan.norm_after_pool:
         pooled = run_frozen(final_norm, pooled)
     return pooled
+
+
+class AttentionPool(nn.Module):
+    """A learned query attends over the tokens (or map positions) of the final state: `sum_t a_t b_t`,
+    `a = softmax(b q / sqrt(D))` over the unmasked tokens; `q` is zero at init, so it starts as the mean."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(width))
+
+    def forward(self, b: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """b: (B, T, D) or channels-last (B, H, W, D); attention_mask: (B, T) or None. Returns (B, D)."""
+        b = b.flatten(1, -2)
+        scores = b @ self.query.to(b.dtype) / b.shape[-1] ** 0.5
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask.to(b.device) == 0, float("-inf"))
+        return (torch.softmax(scores, dim=1).unsqueeze(-1) * b).sum(1)
 
 
 def pool(b: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

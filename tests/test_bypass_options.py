@@ -1,0 +1,129 @@
+"""The common checks over bypass options x backbone families: the layer weighting (`combine: softmax`),
+attention pooling, the token-mixing Res-Tuner (LoSA-style) as H or V, Res-Prefix / Res-Prompt as H or V. Each
+pair: what it is at init, it trains while the backbone stays untouched, it saves and loads, and a
+`MultiTaskBypass` of it and the default answers as each alone (to 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ALL_CASES, CNN_CASES, FAMILY_CASES, train_steps
+
+import restuning
+from restuning import BypassConfig, ConfigError, MultiTaskBypass, ResTuningBypassModel
+from restuning.bypass.network import read_out
+from restuning.spatial import mix_tokens, token_grid_side
+
+MODELS = {**ALL_CASES, **{k: FAMILY_CASES[k] for k in ("llama", "gpt2")}}
+TOKEN_MODELS = sorted(k for k in MODELS if k not in CNN_CASES)
+# Option -> (its config, what it equals at init: "default" the default bypass's pooled state, "mean" the default
+# with mean pooling, "average" the features' plain average, None where the design is not zero at init).
+OPTIONS = {
+    "softmax": (dict(combine="softmax", vertical=None), "average"),
+    "attention_pool": (dict(pooling="attention"), "mean"),
+    "token_mixer_h": (dict(horizontal="res_token_mixer"), "default"),
+    "token_mixer_hv": (dict(horizontal="res_token_mixer", vertical="res_token_mixer"), "default"),
+    "prefix_h": (dict(horizontal="res_prefix"), None),
+    "prompt_v": (dict(vertical="res_prompt"), None),
+}
+MATRIX = [(m, o) for m in TOKEN_MODELS for o in OPTIONS] + [
+    (m, o) for m in sorted(CNN_CASES) for o in ("attention_pool", "token_mixer_h", "token_mixer_hv")]
+
+
+def _model(name: str, num_classes: int | None = None, **options) -> ResTuningBypassModel:
+    torch.manual_seed(0)
+    return restuning.get_restuning_model(MODELS[name].model(), BypassConfig(num_classes=num_classes, **options))
+
+
+def _expected_at_init(name: str, kind: str, model: ResTuningBypassModel, inputs: dict) -> torch.Tensor:
+    if kind in ("default", "mean"):  # "mean": over tokens, or over a map's positions
+        reference = _model(name) if kind == "default" else _model(
+            name, pooling="avg" if model.plan.layout == "map" else "mean")
+        # Between CNN stages V_l projects b_{l-1} to the next width with weights random at init: use the same.
+        projections = {k: v for k, v in model.task.state_dict().items() if ".project." in k}
+        reference.task.load_state_dict(projections, strict=False)
+        return reference(**inputs)
+    features = model.features(**inputs)  # "average": every H_l is the identity, the weights equal
+    average = torch.stack(features[1:]).mean(0)
+    if model.plan.layout == "map":
+        average = average.movedim(1, -1)
+    return read_out(average, model.plan, inputs.get("attention_mask"), model.final_norm)
+
+
+@pytest.mark.parametrize("model_name,option", MATRIX)
+def test_bypass_options(model_name, option, tmp_path):
+    case = MODELS[model_name]
+    config, at_init = OPTIONS[option]
+    inputs = case.inputs()
+    with torch.no_grad():
+        if at_init is not None:
+            state = _model(model_name, **config)
+            torch.testing.assert_close(state(**inputs), _expected_at_init(model_name, at_init, state, inputs),
+                                       atol=1e-5, rtol=0)
+    model = _model(model_name, 3, **config)
+    before = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = train_steps(model, inputs, torch.tensor([0, 2]), steps=3, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, before[k]) for k, v in model.base_model.state_dict().items())
+    assert all(p.grad is None for p in model.base_model.parameters())
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert any(n.startswith("task.bypass.") for n in changed), changed
+    # save / load
+    model.save_pretrained(tmp_path / option)
+    restored = ResTuningBypassModel.from_pretrained(case.model(), tmp_path / option)
+    expected = model.eval()(**inputs)
+    torch.testing.assert_close(restored(**inputs), expected, atol=1e-6, rtol=0)
+    # one backbone forward for this task and the default one, each as alone
+    default = _model(model_name, 3).eval()
+    multi = MultiTaskBypass(case.model(), {"option": tmp_path / option, "default": default}).eval()
+    answers = multi(**inputs)
+    torch.testing.assert_close(answers["option"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(answers["default"], default(**inputs), atol=1e-5, rtol=0)
+
+
+def test_softmax_weighting_is_a_learned_softmax_and_refuses_what_it_cannot_sum():
+    model = _model("vit", 3, combine="softmax", vertical=None)
+    assert not hasattr(model.bypass, "theta") and len(model.bypass.vertical) == 0
+    torch.testing.assert_close(model.bypass.gates, torch.full((2,), 0.5))
+    with torch.no_grad():
+        model.bypass.layer_logits.copy_(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(model.bypass.gates.sum(), torch.tensor(1.0))
+    with pytest.raises(ConfigError, match="combine: softmax .* set vertical: null"):
+        BypassConfig(combine="softmax")
+    with pytest.raises(ConfigError, match="needs one width"):
+        _model("resnet", 3, combine="softmax", vertical=None)
+
+
+def test_attention_pooling_ignores_padding_and_reads_cls_free_tokens():
+    model = _model("bert", 3, pooling="attention")
+    pool = model.task.attention_pool
+    b = torch.randn(2, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        pool.query.normal_()
+        out = pool(b, mask)
+        changed = b.clone()
+        changed[0, 3:] = 100.0  # padding: no effect
+        torch.testing.assert_close(pool(changed, mask), out)
+    assert not model.task.first_token_only
+
+
+def test_the_token_mixer_mixes_neighbours_on_grids_and_sequences():
+    grid, sequence = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False), torch.nn.Conv1d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        grid.weight.fill_(1.0)
+        sequence.weight.fill_(1.0)
+    assert token_grid_side(17) == 4 and token_grid_side(16) is None and token_grid_side(1) is None
+    tokens = torch.zeros(1, 17, 1)
+    tokens[0, 1] = 1.0  # the grid's corner (0, 0)
+    mixed = mix_tokens(tokens, grid, sequence)
+    assert mixed[0, 0, 0] == 0  # the class token is not mixed in
+    assert mixed[0, 1:, 0].reshape(4, 4)[:2, :2].eq(1).all() and int(mixed[0, 1:].ne(0).sum()) == 4
+    text = torch.zeros(1, 6, 1)
+    text[0, 2] = 1.0
+    assert mix_tokens(text, grid, sequence)[0, :, 0].tolist() == [0, 1, 1, 1, 0, 0]
+    model = _model("vit", 3, horizontal="res_token_mixer")
+    assert not model.task.bypass.position_wise and not model.task.first_token_only
+    with pytest.raises(ValueError, match="odd size"):
+        _model("vit", 3, horizontal={"name": "res_token_mixer", "options": {"kernel": 2}})
