@@ -11,7 +11,7 @@ from conftest import CASES, FAMILY_CASES
 import restuning
 from restuning import ResTuningConfig, ResTuningModel, TunerSpec
 
-TUNER_NAMES = ["res_adapter", "res_prefix", "res_prompt", "lora", "bitfit", "ssf"]
+TUNER_NAMES = ["res_adapter", "res_prefix", "res_prompt", "lora", "bitfit", "ssf", "res_token_mixer"]
 OPS = ["mha", "ffn", "block"]
 MODELS = {**CASES, **FAMILY_CASES}
 MATRIX = [(m, t, o) for m in sorted(MODELS) for t in TUNER_NAMES for o in OPS]
