@@ -31,12 +31,14 @@ from torch import nn
 
 # Row -> (registered method, its options). The bypass by default has a CLS head, so it runs on the CLS token
 # alone (exact); `all_tokens` pools the mean, which makes it run on every token, as in the paper;
-# `no_recompute` also keeps every bypass activation for backward.
+# `no_recompute` also keeps every bypass activation for backward; `backbone_batch_8` runs the frozen forward 8
+# examples at a time (the same features; smaller transient activations).
 METHODS = {
     "full": ("full", {}),
     "linear": ("linear", {}),
     "restuning": ("restuning", {}),
     "bypass": ("bypass", {}),
+    "bypass_backbone_batch_8": ("bypass", {"backbone_batch": 8}),
     "bypass_all_tokens": ("bypass", {"pooling": "mean"}),
     "bypass_no_recompute": ("bypass", {"pooling": "mean", "recompute": False}),
     "peft_lora": ("peft_lora", {"target_modules": ["q_proj", "v_proj"]}),

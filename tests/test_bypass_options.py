@@ -127,3 +127,30 @@ def test_the_token_mixer_mixes_neighbours_on_grids_and_sequences():
     assert not model.task.bypass.position_wise and not model.task.first_token_only
     with pytest.raises(ValueError, match="odd size"):
         _model("vit", 3, horizontal={"name": "res_token_mixer", "options": {"kernel": 2}})
+
+
+@pytest.mark.parametrize("model_name", ["bert", "vit", "resnet"])
+def test_backbone_batch_runs_the_frozen_backbone_in_chunks_with_the_same_result(model_name):
+    case = MODELS[model_name]
+    inputs = {k: torch.cat([v] * 3) for k, v in case.inputs().items()}  # a batch of 6
+    whole = _model(model_name, 3)
+    chunked = _model(model_name, 3, backbone_batch=4)
+    calls = []
+    chunked.base_model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(**inputs), whole(**inputs), atol=1e-5, rtol=0)
+    assert len(calls) == 2  # 4 + 2 examples
+
+
+def test_backbone_batch_splits_per_sample_arguments_of_a_unet():
+    from test_unet_bypass import inputs as unet_inputs
+
+    from restuning.diffusion.pipeline import tiny_unet
+
+    batch = unet_inputs(batch=5)
+    torch.manual_seed(0)
+    whole = restuning.get_restuning_model(tiny_unet(cross_attention_dim=32), BypassConfig())
+    torch.manual_seed(0)
+    chunked = restuning.get_restuning_model(tiny_unet(cross_attention_dim=32), BypassConfig(backbone_batch=2))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(**batch), whole(**batch), atol=1e-5, rtol=0)

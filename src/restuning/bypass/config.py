@@ -51,6 +51,10 @@ class BypassConfig(ConfigBase):
     taps: str | list[str] | None = option(None, help="override the tapped modules by name (PEFT matching rules), in "
                                           "forward order")
     family: str | None = option(None, help="force an op map (as `family` of restuning)")
+    backbone_batch: int | None = option(None, ge=1, help="run the frozen backbone on at most this many examples "
+                                        "at a time and join their features (the same features, since it runs "
+                                        "without autograd; its transient activations shrink with the chunk, at "
+                                        "some speed); null: the whole batch at once")
     tower: str | None = option(None, help="of a model with several towers (CLIPModel: `text_model`, `vision_model`), "
                                "the submodule the bypass reads: its blocks are tapped (`taps` are names inside it) and "
                                "the backbone is called through it, so the model takes that tower's inputs alone")

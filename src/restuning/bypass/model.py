@@ -28,6 +28,10 @@ class FrozenBackbone(ParameterReport, nn.Module):
     Subclasses own the tasks. Calls go to the backbone with the backbone's own arguments.
     """
 
+    # Examples per frozen-backbone forward (None: the whole batch). Without autograd the chunks' features are the
+    # whole batch's, while the forward's transient activations shrink with the chunk.
+    backbone_batch: int | None = None
+
     def __init__(self, model: nn.Module, plan: TapPlan, needed: int, first_token_only: bool = False):
         super().__init__()
         self.base_model = model.eval()
@@ -67,7 +71,11 @@ class FrozenBackbone(ParameterReport, nn.Module):
         """One backbone forward without autograd (through the plan's tower, where it names one): [x_0, x_1, ...]
         as tapped (channels-first for CNNs)."""
         runner = self.base_model.get_submodule(self.plan.call) if self.plan.call else self.base_model
-        return self.taps(lambda: runner(*args, **kwargs))
+        chunks = _chunks(args, kwargs, self.backbone_batch)
+        if chunks is None:
+            return self.taps(lambda: runner(*args, **kwargs))
+        parts = [self.taps(lambda a=a, k=k: runner(*a, **k)) for a, k in chunks]
+        return [torch.cat(layer) for layer in zip(*parts, strict=True)]
 
     def _retap(self, needed: int, first_token_only: bool) -> None:
         if len(self.taps.points) != needed or self.taps.first_token_only != first_token_only:
@@ -80,6 +88,22 @@ class FrozenBackbone(ParameterReport, nn.Module):
         for n, p in self.base_model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         return self.base_model
+
+
+def _chunks(args: tuple, kwargs: dict, size: int | None) -> list[tuple[tuple, dict]] | None:
+    """The call's arguments split into chunks of `size` examples (tensors whose first dimension is the batch's),
+    or None when the batch is no larger than `size`."""
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+    if size is None or first is None or first.shape[0] <= size:
+        return None
+    batch = first.shape[0]
+
+    def part(value: Any, lo: int) -> Any:
+        is_batched = isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch
+        return value[lo:lo + size] if is_batched else value
+
+    return [(tuple(part(a, lo) for a in args), {k: part(v, lo) for k, v in kwargs.items()})
+            for lo in range(0, batch, size)]
 
 
 def _needed(task: BypassTask) -> int:
@@ -96,6 +120,7 @@ class ResTuningBypassModel(FrozenBackbone):
         plan = task.plan if task is not None else self.task_class.plan_for(model, config)
         task = task if task is not None else _build_task(model, plan, config, self.task_class)
         super().__init__(model, plan, _needed(task), task.first_token_only)
+        self.backbone_batch = config.backbone_batch
         self.bypass_config = config
         self.task = task
 
