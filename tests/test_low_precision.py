@@ -215,6 +215,20 @@ def test_bad_backbone_dtypes_are_clear_errors(tmp_path):
         set_backbone_dtype(CASES["vit"].model(), "int4")
 
 
+def test_merging_into_an_int8_backbone_is_refused_and_into_a_bfloat16_one_folds():
+    config = ResTuningConfig(mha=None, ffn=None, target_modules={"q": r".*\.q_proj"}, custom={"q": "lora"})
+    with pytest.raises(ConfigError, match=r"weight is int8 \(backbone_dtype int8\).*bfloat16 copy"):
+        restuning.get_restuning_model(_held("int8", CASES["vit"]), config).merge_and_unload()
+    tuned = restuning.get_restuning_model(_held("bfloat16", CASES["vit"]), config)
+    with torch.no_grad():
+        for p in tuned.tuners.parameters():
+            p.add_(0.05)
+        expected = tuned(**CASES["vit"].inputs()).last_hidden_state
+    merged = tuned.merge_and_unload()
+    got = merged(**CASES["vit"].inputs()).last_hidden_state
+    assert ((got.float() - expected.float()).norm() / expected.float().norm()) < 0.02  # bf16 rounding of the fold
+
+
 # --- runs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,dtype", [("bypass", "int8"), ("restuning", "bfloat16"), ("lst", "bfloat16")])
 def test_a_run_with_a_low_precision_backbone_trains_and_its_final_model_evaluates_the_same(tmp_path, method, dtype):

@@ -7,6 +7,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .errors import ConfigError
+from .precision import is_quantized
 
 FOLDABLE = ("lora on a linear layer (target_modules naming the layer), ssf and bitfit on an op that ends in a "
             "linear layer")
@@ -25,6 +26,9 @@ def fold_problems(adapter: Adapter, model: nn.Module) -> list[str]:
             problems.append(f"{where}: the op ends in a {type(exit_).__name__}, not a torch.nn.Linear")
         elif tuner.folds == "input" and site.entry != site.exit:
             problems.append(f"{where}: reads the input of {site.entry}, not of the linear layer {site.exit}")
+        elif is_quantized(exit_.weight):
+            problems.append(f"{where}: {site.exit}'s weight is int8 (backbone_dtype int8), which cannot take an "
+                            "exact float change; fold into a float32 or bfloat16 copy of the backbone")
     return problems
 
 
