@@ -42,6 +42,10 @@ METHODS = {
     "bypass_all_tokens": ("bypass", {"pooling": "mean"}),
     "bypass_no_recompute": ("bypass", {"pooling": "mean", "recompute": False}),
     "peft_lora": ("peft_lora", {"target_modules": ["q_proj", "v_proj"]}),
+    "side_tuning": ("side_tuning", {}),
+    "lst": ("lst", {}),
+    "dtl": ("dtl", {}),
+    "dtl_plus": ("dtl_plus", {}),
 }
 NUM_CLASSES = 100
 
