@@ -80,6 +80,7 @@ def main() -> None:
 
     rows = []
     for task in args.tasks:
+        args.dtypes = ["float32", *[d for d in args.dtypes if d != "float32"]]  # full fine-tuning is the baseline
         backbones = {d: load_backbone(TASKS[task][0], d) for d in args.dtypes}
         inputs, labels, classes = _inputs(task, backbones[args.dtypes[0]])
         cells: dict[tuple[str, str, bool], tuple[Callable[[], None], int]] = {}

@@ -12,7 +12,7 @@ from conftest import ALL_CASES, CNN_CASES, FAMILY_CASES, train_steps
 import restuning
 from restuning import BypassConfig, ConfigError, MultiTaskBypass, ResTuningBypassModel
 from restuning.bypass.network import read_out
-from restuning.spatial import mix_tokens, token_grid_side
+from restuning.spatial import TokenMixing, token_grid_side
 
 MODELS = {**ALL_CASES, **{k: FAMILY_CASES[k] for k in ("llama", "gpt2")}}
 TOKEN_MODELS = sorted(k for k in MODELS if k not in CNN_CASES)
@@ -20,6 +20,7 @@ TOKEN_MODELS = sorted(k for k in MODELS if k not in CNN_CASES)
 # with mean pooling, "average" the features' plain average, None where the design is not zero at init).
 OPTIONS = {
     "softmax": (dict(combine="softmax", vertical=None), "average"),
+    "softmax_identity_h": (dict(combine="softmax", horizontal=None, vertical=None), "average"),
     "attention_pool": (dict(pooling="attention"), "mean"),
     "token_mixer_h": (dict(horizontal="res_token_mixer"), "default"),
     "token_mixer_hv": (dict(horizontal="res_token_mixer", vertical="res_token_mixer"), "default"),
@@ -88,7 +89,8 @@ def test_softmax_weighting_is_a_learned_softmax_and_refuses_what_it_cannot_sum()
     torch.testing.assert_close(model.bypass.gates, torch.full((2,), 0.5))
     with torch.no_grad():
         model.bypass.layer_logits.copy_(torch.tensor([0.0, 1.0]))
-    torch.testing.assert_close(model.bypass.gates.sum(), torch.tensor(1.0))
+    e = torch.e
+    torch.testing.assert_close(model.bypass.gates, torch.tensor([1 / (1 + e), e / (1 + e)]))
     with pytest.raises(ConfigError, match="combine: softmax .* set vertical: null"):
         BypassConfig(combine="softmax")
     with pytest.raises(ConfigError, match="needs one width"):
@@ -109,22 +111,33 @@ def test_attention_pooling_ignores_padding_and_reads_cls_free_tokens():
     assert not model.task.first_token_only
 
 
-def test_the_token_mixer_mixes_neighbours_on_grids_and_sequences():
-    grid, sequence = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False), torch.nn.Conv1d(1, 1, 3, padding=1, bias=False)
-    with torch.no_grad():
-        grid.weight.fill_(1.0)
-        sequence.weight.fill_(1.0)
-    assert token_grid_side(17) == 4 and token_grid_side(16) is None and token_grid_side(1) is None
+def test_the_token_mixer_mixes_neighbours_on_grids_and_sequences_and_never_reads_ahead_on_decoders():
+    def ones(mixing: TokenMixing) -> TokenMixing:
+        with torch.no_grad():
+            mixing.conv.weight.fill_(1.0)
+            mixing.conv.bias.zero_()
+        return mixing
+
+    assert token_grid_side(17) == (1, 4) and token_grid_side(16) == (0, 4) and token_grid_side(18) is None
+    grid = ones(TokenMixing(1, 3, grid=True))
     tokens = torch.zeros(1, 17, 1)
-    tokens[0, 1] = 1.0  # the grid's corner (0, 0)
-    mixed = mix_tokens(tokens, grid, sequence)
+    tokens[0, 1] = 1.0  # the grid's corner (0, 0), after the class token
+    mixed = grid(tokens)
     assert mixed[0, 0, 0] == 0  # the class token is not mixed in
     assert mixed[0, 1:, 0].reshape(4, 4)[:2, :2].eq(1).all() and int(mixed[0, 1:].ne(0).sum()) == 4
+    assert int(grid(tokens[:, 1:]).ne(0).sum()) == 4  # a grid without a class token (a UNet's attention)
+    with pytest.raises(ValueError, match="neither a square patch grid"):
+        grid(torch.zeros(1, 18, 1))
     text = torch.zeros(1, 6, 1)
     text[0, 2] = 1.0
-    assert mix_tokens(text, grid, sequence)[0, :, 0].tolist() == [0, 1, 1, 1, 0, 0]
-    model = _model("vit", 3, horizontal="res_token_mixer")
-    assert not model.task.bypass.position_wise and not model.task.first_token_only
+    assert ones(TokenMixing(1, 3, grid=False))(text)[0, :, 0].tolist() == [0, 1, 1, 1, 0, 0]
+    assert ones(TokenMixing(1, 3, grid=False, causal=True))(text)[0, :, 0].tolist() == [0, 0, 1, 1, 1, 0]
+    for name, is_grid, causal in (("vit", True, False), ("bert", False, False), ("llama", False, True),
+                                  ("resnet", True, False)):
+        model = _model(name, 3, horizontal="res_token_mixer")
+        mixer = model.task.bypass.horizontal[0].tuner.mix
+        assert (mixer.grid, mixer.causal) == (is_grid, causal), name
+        assert not model.task.bypass.position_wise and not model.task.first_token_only
     with pytest.raises(ValueError, match="odd size"):
         _model("vit", 3, horizontal={"name": "res_token_mixer", "options": {"kernel": 2}})
 

@@ -91,12 +91,14 @@ def test_saved_bytes_grow_with_the_blocks_after_the_injection_point_not_with_tho
 
 def test_dtl_plus_convolves_the_patch_grid_and_passes_the_class_token():
     fusion = _dtl(CASES["vit"], "dtl_plus").fusion
-    assert fusion is not None and fusion.grid.kernel_size == (3, 3)
+    assert fusion is not None and fusion.grid and fusion.conv.kernel_size == (3, 3)
+    assert not _dtl(CASES["bert"], "dtl_plus").fusion.grid  # text: along the sequence
+    assert _dtl(FAMILY_CASES["llama"], "dtl_plus").fusion.causal  # a decoder's tokens never read ahead
     r = torch.zeros(2, 1 + 16, 32)
     r[:, 0] = 1.0  # the class token: not part of the grid
     r[:, 1 + 5] = 1.0  # one patch of the 4 x 4 grid
     with torch.no_grad():
-        fusion.grid.weight.fill_(1.0)
+        fusion.conv.weight.fill_(1.0)
         out = fusion(r)
     assert torch.equal(out[:, 0], r[:, 0])
     grid = out[0, 1:, 0].reshape(4, 4)
@@ -123,3 +125,21 @@ def test_bad_options_and_backbones_are_clear_errors():
     with pytest.raises(ConfigError, match="this backbone gives feature maps"):
         entry = get_method("dtl")
         entry.build(CNN_CASES["resnet"].model(), entry.read_options({}, 3), 3)
+
+
+def test_a_failing_forward_leaves_grad_mode_and_the_hooks_as_they_were():
+    case = CASES["vit"]
+    model = _dtl(case, depth=4)
+    block = model.base_model.get_submodule(model.plan.points[1])  # before the injection point (2)
+    hooks = {p: len(model.base_model.get_submodule(p)._forward_hooks) for p in model.plan.points}
+
+    def fail(module, args):
+        raise RuntimeError("a block failed")
+
+    handle = block.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="a block failed"):
+        model(**case.inputs())
+    handle.remove()
+    assert torch.is_grad_enabled() and model._call is None
+    assert hooks == {p: len(model.base_model.get_submodule(p)._forward_hooks) for p in model.plan.points}
+    model(**case.inputs()).sum().backward()  # and it still trains

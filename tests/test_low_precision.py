@@ -11,7 +11,7 @@ import torch
 from conftest import CASES, CNN_CASES, FAMILY_CASES, tiny_vit_folder, train_steps
 
 import restuning
-from restuning import BypassConfig, ConfigError, FeatureCache, ResTuningConfig, TunerSpec
+from restuning import BypassConfig, ConfigError, FeatureCache, ResTuningConfig, ResTuningModel, TunerSpec
 from restuning.bypass.cache import fingerprint
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from restuning.memory import SavedTensorMeter, state_bytes
@@ -227,6 +227,30 @@ def test_merging_into_an_int8_backbone_is_refused_and_into_a_bfloat16_one_folds(
     merged = tuned.merge_and_unload()
     got = merged(**CASES["vit"].inputs()).last_hidden_state
     assert ((got.float() - expected.float()).norm() / expected.float().norm()) < 0.02  # bf16 rounding of the fold
+
+
+def test_a_module_to_save_trains_in_float32_on_a_bfloat16_backbone_and_is_refused_on_int8(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def build(dtype: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=48, vocab_size=101, num_labels=3)).eval()
+        return set_backbone_dtype(model, dtype)
+
+    inputs = CASES["bert"].inputs()
+    tuned = restuning.get_restuning_model(build("bfloat16"), ResTuningConfig(modules_to_save=["classifier"]))
+    head = tuned.saved_module("classifier")
+    assert head.weight.dtype == torch.float32 and head.weight.requires_grad
+    logits = tuned(**inputs).logits
+    assert logits.dtype == torch.bfloat16  # handed back in the backbone's dtype, as the module it stands in for
+    logits.float().sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32
+    tuned.save_pretrained(tmp_path)
+    restored = ResTuningModel.from_pretrained(build("bfloat16"), tmp_path)
+    torch.testing.assert_close(restored(**inputs).logits, tuned(**inputs).logits, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="cannot train a copy of an int8-quantized module"):
+        restuning.get_restuning_model(build("int8"), ResTuningConfig(modules_to_save=["classifier"]))
 
 
 # --- runs ---------------------------------------------------------------------------------------------

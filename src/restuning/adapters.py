@@ -18,7 +18,7 @@ from torch import nn
 from .config import ResTuningConfig
 from .errors import ConfigError
 from .hooks import Attachment, Rows, SavedModule
-from .ops import OpSite, find_ops, name_matches, widths
+from .ops import OpSite, find_ops, name_matches, token_layout, widths
 from .precision import is_quantized, trainable_dtype
 from .tasks import outermost, task_heads
 from .tuners import FrozenAttention, OpContext, ResTuner, build_tuner
@@ -41,9 +41,11 @@ def plan_tuning(model: nn.Module, config: ResTuningConfig) -> TuningPlan:
     sites = find_ops(model, config)
     specs = config.specs()
     ref = next(model.parameters())
+    grid, causal = token_layout(model)
     tuners: dict[str, ResTuner] = {}
     for site in sites:
-        ctx = OpContext(site.in_features, site.out_features, _frozen_attention(model, site))
+        ctx = OpContext(site.in_features, site.out_features, _frozen_attention(model, site),
+                        grid=grid or site.layout == "map", causal=causal)
         tuner = build_tuner(specs[site.kind], ctx, config.dim, where=f"{site.kind} at {site.exit}")
         tuners[site.key] = tuner.to(device=ref.device, dtype=trainable_dtype(ref))
     saved = _match_modules_to_save(model, config.modules_to_save)

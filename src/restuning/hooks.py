@@ -118,8 +118,8 @@ class Attachment:
     # --- plain tuners: x' = OP(x) + tuner(x, OP(x)) -------------------------------------------
     def _delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(self.tuner)
-        if dtype is not None and y.dtype != dtype:  # a low-precision backbone: the tuner computes in its own dtype
-            return self._delta(*in_dtype(dtype, x, y)).to(y.dtype)
+        if dtype is not None and y.dtype != dtype and not torch.is_autocast_enabled(y.device.type):
+            return self._delta(*in_dtype(dtype, x, y)).to(y.dtype)  # a low-precision backbone: the tuner's own dtype
         if self.site.layout == "map":
             return on_channels(self.tuner, x, y)
         return self.tuner(x, y)
@@ -232,7 +232,7 @@ class Attachment:
             slot.clear()
         try:
             rows, dtype = self._rows(), compute_dtype(self.tuner)
-            if dtype is not None and context.dtype != dtype:  # a low-precision backbone
+            if dtype is not None and context.dtype != dtype and not torch.is_autocast_enabled(context.device.type):
                 mixed = self._mix(*in_dtype(dtype, context, query, key, mask), rows)
                 return (mixed.to(context.dtype), *args[1:])
             return (self._mix(context, query, key, mask, rows), *args[1:])
@@ -326,12 +326,14 @@ class SavedModule:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.rows is not None and self.rows.stands_aside():
             return None
-        dtype = compute_dtype(self.copy)
-        if dtype is not None and isinstance(output, torch.Tensor) and output.dtype != dtype:  # low-precision backbone
-            args, kwargs = in_dtype(dtype, *args), {k: in_dtype(dtype, v)[0] if isinstance(v, torch.Tensor) else v
-                                                     for k, v in kwargs.items()}
+        dtype, held = compute_dtype(self.copy), output_tensor(output).dtype
+        low = dtype is not None and held != dtype and not torch.is_autocast_enabled(output_tensor(output).device.type)
+        if low:  # a float32 copy in a low-precision backbone: its inputs cast up, its output back to the backbone's
+            args = tuple(in_dtype(dtype, a)[0] if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: in_dtype(dtype, v)[0] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         if self.rows is None or self.rows.routing.inside is not None:
-            return self.copy(*args, **kwargs)
+            out = self.copy(*args, **kwargs)
+            return _cast_output(out, held) if low else out
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"adapter_names: {self.name} returns {type(output).__name__}; a mixed batch needs a "
                             "module to save that returns one tensor")
@@ -343,6 +345,15 @@ class SavedModule:
 
         mine = self.copy(*(rows_of(a) for a in args), **{k: rows_of(v) for k, v in kwargs.items()})
         return output.index_copy(0, index, mine.to(output.dtype))
+
+
+def _cast_output(output: Any, dtype: torch.dtype) -> Any:
+    """An op's output (a tensor, or a tuple whose first item is one) with that tensor in `dtype`."""
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0].to(dtype), *output[1:])
+    return output
 
 
 def _mask_parameters(entry: nn.Module) -> tuple[int | None, bool]:

@@ -47,7 +47,8 @@ def set_backbone_dtype(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == "int8":
         quantize_linear_int8(model)
     release_freed_memory()
-    model.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
+    if getattr(model, _MARK, None) is None:  # one input cast, also when bfloat16 goes on to int8
+        model.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
     setattr(model, _MARK, dtype)
     return model
 

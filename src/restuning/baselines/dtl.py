@@ -8,8 +8,8 @@ the injection block `M` on, that running sum is added back into each block's out
     x_{j+1} = block_j(x_j) + F(swish(R_j))      for j >= M  (autograd through activations, never weights)
 
 `swish(z) = z * sigmoid(beta z)`; `F` is the identity (DTL) or a depthwise convolution over the tokens'
-grid (DTL+: k x k on the patch grid, the class token passed through; a 1-D convolution over the tokens of
-a sequence without a square grid). The frozen read-out (final norm, pooling) and a linear head follow.
+grid (DTL+: k x k on an image backbone's patch grid, the class token passed through; along the sequence of
+a text backbone's tokens, causal on a decoder). The frozen read-out (final norm, pooling) and a linear head follow.
 
 Blocks before `M` run without autograd: what they add to backward is only the input each low-rank map
 reads (one (B, T, D) tensor per block). Blocks from `M` on keep their activations for backward, which is
@@ -34,7 +34,7 @@ from ..hooks import add_to_output, first_input, output_tensor
 from ..methods.registry import Method, register_method
 from ..params import ParameterReport
 from ..precision import trainable_dtype
-from ..spatial import mix_tokens
+from ..spatial import TokenMixing
 
 POOLINGS = ("auto", "cls", "mean")
 
@@ -74,20 +74,6 @@ class LowRank(nn.Module):
         return self.up(self.down(x))
 
 
-class TokenFusion(nn.Module):
-    """DTL+'s depthwise convolution of the residual over its tokens: k x k on the patch grid (the tokens before
-    the grid, such as a class token, pass through), or k over the sequence when the tokens form no square grid."""
-
-    def __init__(self, width: int, size: int):
-        super().__init__()
-        self.grid = nn.Conv2d(width, width, size, padding=size // 2, groups=width, bias=False)
-        self.sequence = nn.Conv1d(width, width, size, padding=size // 2, groups=width, bias=False)
-
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        """r: (B, T, D) -> (B, T, D)."""
-        return mix_tokens(r, self.grid, self.sequence)
-
-
 class DisentangledTransfer(ParameterReport, nn.Module):
     """`model(**inputs)` -> logits (B, num_classes): the frozen backbone with DTL's side network hooked in."""
 
@@ -106,7 +92,8 @@ class DisentangledTransfer(ParameterReport, nn.Module):
         self.base_model, self.plan, self.config = model, plan, config
         model.requires_grad_(False)
         self.maps = nn.ModuleList(LowRank(width, config.rank) for _ in range(depth))
-        self.fusion = TokenFusion(width, config.fusion_size) if config.fusion_size else None
+        self.fusion = TokenMixing(width, config.fusion_size, grid=plan.grid, causal=plan.causal, bias=False) \
+            if config.fusion_size else None
         self.head = nn.Linear(width, config.num_classes)
         ref = next(model.parameters())
         for name, child in self.named_children():

@@ -220,8 +220,9 @@ def _describe(model: nn.Module) -> str:
     dtype = next((str(p.dtype) for p in model.parameters()), None)
     # A diffusers model's attention processors (sdpa or not) are not in its config or repr.
     processors = {k: type(v).__name__ for k, v in getattr(model, "attn_processors", {}).items()}
-    return json.dumps({"config": config, "modules": repr(model), "dtype": dtype, "held_in": backbone_dtype(model),
-                       "attn_processors": processors},
+    held = backbone_dtype(model)  # recorded beside float32 only, so that float32 stores made before stay valid
+    return json.dumps({"config": config, "modules": repr(model), "dtype": dtype, "attn_processors": processors,
+                       **({} if held == "float32" else {"held_in": held})},
                       sort_keys=True, default=str)
 
 

@@ -55,8 +55,10 @@ class VerticalStep(nn.Module):
 class BypassNetwork(nn.Module):
     """Gated horizontal/vertical Res-Tuners over `L` tapped layers of widths `widths[1:]`."""
 
-    def __init__(self, widths: list[int], config: BypassConfig, layout: str):
+    def __init__(self, widths: list[int], config: BypassConfig, layout: str, grid: bool = False, causal: bool = False):
+        """`grid`, `causal`: what the tuners may know of the tokens (`TapPlan.grid`, `TapPlan.causal`)."""
         super().__init__()
+        grid = grid or layout == "map"
         depth = len(widths) - 1
         self.recompute, self.combine = config.recompute, config.combine
         if config.combine == "softmax":
@@ -67,11 +69,13 @@ class BypassNetwork(nn.Module):
         else:
             self.theta = nn.Parameter(torch.full((depth,), float(config.gate_init)))
         self.horizontal = nn.ModuleList(
-            Residual(_tuner(config.horizontal, w, w, config.dim, f"bypass horizontal {i}"))
+            Residual(_tuner(config.horizontal, OpContext(w, w, grid=grid, causal=causal), config.dim,
+                            f"bypass horizontal {i}"))
             for i, w in enumerate(widths[1:])
         )
         self.vertical = nn.ModuleList(  # no chain under softmax weighting
-            VerticalStep(w_in, w_out, _tuner(config.vertical, w_out, w_out, config.dim, f"bypass vertical {i}"), layout)
+            VerticalStep(w_in, w_out, _tuner(config.vertical, OpContext(w_out, w_out, grid=grid, causal=causal),
+                                             config.dim, f"bypass vertical {i}"), layout)
             for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True))
         ) if config.combine == "gates" else nn.ModuleList()
 
@@ -112,7 +116,7 @@ class BypassNetwork(nn.Module):
             if b is not None and x.shape != b.shape:
                 raise ValueError(f"bypass combine softmax: layer {i} is {tuple(x.shape)}, the earlier ones "
                                  f"{tuple(b.shape)}; the layers must agree to be summed")
-            if recompute:  # as the chain's steps: keep x_l (in the backbone's dtype) and recompute H_l in backward
+            if recompute and self.horizontal[i].tuner is not None:  # keep x_l (backbone dtype), recompute H_l
                 h = checkpoint(self._horizontal, i, self.layer_logits, x, use_reentrant=True)
             else:
                 h = self._horizontal(i, self.layer_logits, x)
@@ -135,8 +139,8 @@ class BypassNetwork(nn.Module):
         return all(s.tuner is None or s.tuner.position_wise for s in steps)
 
 
-def _tuner(spec: TunerSpec | None, width_in: int, width_out: int, dim: int, where: str) -> ResTuner | None:
-    return None if spec is None else build_tuner(spec, OpContext(width_in, width_out), dim, where)
+def _tuner(spec: TunerSpec | None, ctx: OpContext, dim: int, where: str) -> ResTuner | None:
+    return None if spec is None else build_tuner(spec, ctx, dim, where)
 
 
 class BypassTask(nn.Module):
@@ -163,7 +167,7 @@ class BypassTask(nn.Module):
         self.plan, self.config = plan, config
         self.layers = sorted(set(config.layers)) if config.layers is not None else list(range(plan.depth))
         chosen = [plan.widths[0], *(plan.widths[i + 1] for i in self.layers)]
-        self.bypass = BypassNetwork(chosen, config, plan.layout)
+        self.bypass = BypassNetwork(chosen, config, plan.layout, plan.grid, plan.causal)
         self.head = nn.Linear(chosen[-1], config.num_classes) if config.num_classes else nn.Identity()
         self.attention_pool = AttentionPool(chosen[-1]) if plan.pooling == "attention" else None
         # The backbone's final norm fits the bypass state if it ends at the last layer, or all widths agree.

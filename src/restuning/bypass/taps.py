@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import ConfigError
 from ..hooks import first_input, output_tensor
-from ..ops import FAMILIES, OpMatchError, block_stacks, family_for_model, name_matches, widths
+from ..ops import FAMILIES, OpMatchError, block_stacks, family_for_model, name_matches, token_layout, widths
 from .config import BypassConfig
 
 
@@ -29,6 +29,8 @@ class TapPlan:
     final_norm: str | None
     norm_after_pool: bool = False
     call: str = ""  # the submodule the backbone is called through (a tower of a multi-tower model); "": the model
+    grid: bool = False  # the tokens are an image's patch grid, or feature maps (`ops.token_layout`)
+    causal: bool = False  # a decoder's tokens
 
     @property
     def depth(self) -> int:
@@ -70,8 +72,9 @@ def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
         hits = [n for n in after if re.fullmatch(family.final_norm, n) and not n.startswith(points[-1] + ".")
                 and n.startswith(prefix)]
         norm = hits[0] if hits else None
+    grid, causal = token_layout(root)
     return TapPlan(tuple(points), (first, *outs), layout, _pooling(root, config.pooling, layout, family), norm,
-                   bool(family and family.norm_after_pool), config.tower or "")
+                   bool(family and family.norm_after_pool), config.tower or "", grid or layout == "map", causal)
 
 
 def is_unet(model: nn.Module) -> bool:

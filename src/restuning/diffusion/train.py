@@ -77,8 +77,8 @@ def build_denoiser(method: str, unet: nn.Module, options: dict[str, Any]) -> nn.
 
 def upcast_trainable(model: nn.Module) -> nn.Module:
     """Trainable parameters to float32, the optimizer's master copy (and what a GradScaler unscales); frozen
-    ones keep their dtype. Tuners are built in their backbone's dtype, so a half-precision frozen UNet would
-    otherwise give half-precision tuners. Buffers are left as they are (the tuners have none)."""
+    ones keep their dtype. Tuners are built in float32 beside a low-precision UNet already (`trainable_dtype`);
+    this also covers a method whose own modules are not (full fine-tuning trains the UNet's weights)."""
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()

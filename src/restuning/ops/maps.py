@@ -194,3 +194,15 @@ def family_for_model(model) -> FamilyMap | None:
         if model_type in family.model_types or type(model).__name__ in family.class_names:
             return family
     return None
+
+
+def token_layout(model) -> tuple[bool, bool]:
+    """(grid, causal) of `model`'s tokens: whether they lie on an image's patch grid (or are a CNN's or UNet's
+    feature maps) and whether they are a decoder's, which may not read ahead; from its family map and whether its
+    forward takes pixels (`pixel_values`, `sample`) first."""
+    import inspect
+
+    family = family_for_model(model)
+    params = [p for p in inspect.signature(model.forward).parameters if p != "self"]
+    grid = (family is not None and family.layout == "map") or (bool(params) and params[0] in ("pixel_values", "sample"))
+    return grid, bool(family is not None and family.causal)

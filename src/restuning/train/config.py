@@ -120,9 +120,9 @@ def check_backbone_dtype(dtype: str, method: Any, task: str) -> None:
         from ..methods.registry import METHODS
 
         able = sorted(n for n, m in METHODS.items() if m.low_precision and task in m.tasks)
+        why = "it trains the backbone's own weights" if method.trains_backbone else "it trains inside the backbone"
         raise ConfigError(f"backbone_dtype: {dtype} holds the frozen backbone in low precision, but method "
-                          f"{method.name!r} does not support it (it trains the backbone's own weights); use "
-                          f"float32, or one of {able}")
+                          f"{method.name!r} does not support it ({why}); use float32, or one of {able}")
 
 
 def check_data_files(config: TrainConfig) -> None:

@@ -68,6 +68,8 @@ class OpContext:
     in_features: int
     out_features: int
     attention: FrozenAttention | None = None
+    grid: bool = False  # the tokens are an image's patch grid (or a feature map), not a sequence
+    causal: bool = False  # a decoder's tokens: a token may not read the tokens after it
 
 
 class ResTuner(nn.Module):

@@ -1,9 +1,9 @@
 """Res-Token-Mixer: a low-rank tuner that mixes tokens (LoSA-style), `up(h + mix(h))`, `h = act(down(x))`.
 
 The other built-in tuners map each position on its own; this one lets each token see its neighbours: a
-depthwise convolution over the patch grid (tokens of a class token and a square grid, or a CNN's
-channels-last map) or along the sequence, in the low-rank space. `up` is zero-initialised, so the tuner is
-zero at init wherever it is attached.
+depthwise convolution in the low-rank space, over the patch grid of an image backbone's tokens (or a CNN's
+map) or along the sequence of a text backbone's (causal on a decoder). Which one is fixed when it is built,
+from what the op's context says of the backbone. `up` is zero-initialised, so the tuner is zero at init.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spatial import mix_tokens
+from ..spatial import TokenMixing
 from .adapter import _ACTIVATIONS
 from .base import OpContext, ResTuner, register_tuner
 
@@ -34,8 +34,7 @@ class ResTokenMixer(ResTuner):
             raise ValueError(f"res_token_mixer kernel: expected an odd size >= 1, got {kernel}")
         self.down = nn.Linear(ctx.in_features, dim)
         self.act = _ACTIVATIONS[act]()
-        self.grid = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-        self.sequence = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.mix = TokenMixing(dim, kernel, grid=ctx.grid, causal=ctx.causal)
         self.up = nn.Linear(dim, ctx.out_features)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -43,4 +42,4 @@ class ResTokenMixer(ResTuner):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) tokens or a channels-last map (B, H, W, D). Returns (..., out_features)."""
         h = self.act(self.down(x))
-        return self.up(h + mix_tokens(h, self.grid, self.sequence))
+        return self.up(h + self.mix(h))
