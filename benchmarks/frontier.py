@@ -26,17 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from _report import machine, table, write_json
+from compare import TASKS as COMPARE_TASKS
 
 from restuning.errors import RestuningError
 from restuning.methods import get_method
 from restuning.train.config import DataConfig, MethodConfig, OptimConfig, TrainConfig
 from restuning.train.isolated import run_isolated
 
-TASKS = {
-    "tweets/minilm": ("all-MiniLM-L6-v2", dict(name="tweets", test_size=500, max_length=32)),
-    "mnist/dinov2": ("dinov2-small", dict(name="mnist", test_size=500, image_size=56)),
-    "mnist/efficientnet": ("efficientnet-lite0", dict(name="mnist", test_size=500, image_size=56)),
-}
+TASKS = {**COMPARE_TASKS,  # compare.py's two tasks and a CNN
+         "mnist/efficientnet": ("efficientnet-lite0", dict(name="mnist", test_size=500, image_size=56))}
 MEMORY_GRID, PARAMETER_GRID = (3e-3, 1e-2, 3e-2), (1e-3, 5e-3)
 # Row -> (registered method, its options, learning-rate grid, the benchmarks/memory.py row it is measured by).
 METHODS: dict[str, tuple[str, dict[str, Any], tuple[float, ...], str | None]] = {

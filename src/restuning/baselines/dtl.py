@@ -35,8 +35,7 @@ from ..methods.registry import Method, register_method
 from ..params import ParameterReport
 from ..precision import trainable_dtype
 from ..spatial import TokenMixing
-
-POOLINGS = ("auto", "cls", "mean")
+from .side_network import SIDE_POOLINGS
 
 
 @dataclass
@@ -50,7 +49,7 @@ class DTLConfig(ConfigBase):
                                      "null: the middle block (DTL: 6 of 12)")
     fusion_size: int = option(0, ge=0, help="DTL+'s depthwise convolution: kernel size over the token grid "
                               "(3 in DTL+); 0: none (DTL)")
-    pooling: str = option("auto", choices=POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
+    pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
     family: str | None = option(None, help="force an op map (as `family` of restuning)")
 
     def validate(self) -> None:
