@@ -48,10 +48,13 @@ METHODS: dict[str, tuple[str, dict[str, Any], tuple[float, ...], str | None]] = 
     "bypass_none": ("bypass", {"horizontal": None, "vertical": None}, MEMORY_GRID, None),
     "bypass_horizontal": ("bypass", {"vertical": None}, MEMORY_GRID, None),
     "bypass_vertical": ("bypass", {"horizontal": None}, MEMORY_GRID, None),
-    "bypass_softmax": ("bypass", {"combine": "softmax", "vertical": None}, MEMORY_GRID, None),
+    "bypass_softmax": ("bypass", {"combine": "softmax", "vertical": None}, MEMORY_GRID, "bypass_softmax"),
     "bypass_mean": ("bypass", {"pooling": "mean"}, MEMORY_GRID, "bypass_all_tokens"),
-    "bypass_attention_pool": ("bypass", {"pooling": "attention"}, MEMORY_GRID, None),
-    "bypass_token_mixer": ("bypass", {"horizontal": "res_token_mixer"}, MEMORY_GRID, None),
+    "bypass_attention_pool": ("bypass", {"pooling": "attention"}, MEMORY_GRID, "bypass_attention_pool"),
+    "bypass_reinject": ("bypass", {"reinject": 2}, MEMORY_GRID, "bypass_reinject_2"),
+    "bypass_attention_reinject": ("bypass", {"pooling": "attention", "reinject": 2}, MEMORY_GRID,
+                                  "bypass_attention_reinject_2"),
+    "bypass_token_mixer": ("bypass", {"horizontal": "res_token_mixer"}, MEMORY_GRID, "bypass_token_mixer"),
     "bypass_prefix": ("bypass", {"horizontal": "res_prefix"}, MEMORY_GRID, None),
 }
 QUICK_METHODS = ("linear", "lst", "dtl", "bypass", "bypass_softmax")
@@ -104,8 +107,20 @@ def measure(task: str, row: str, args: argparse.Namespace) -> dict[str, Any]:
         result["trainable_params"] = last["trainable_params"]
     result["memory_row"] = memory_row
     result["memory_ratio_to_full"] = args.memory.get(memory_row) if memory_row else None
-    result["one_forward_serves_many_tasks"] = get_method(method).multi_task
+    entry = get_method(method)
+    result["one_forward_serves_many_tasks"] = entry.multi_task and getattr(
+        entry.read_options(options, None), "shares_forward", True)
     return result
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    table(("task", "method", "acc % (1000)", "acc % (16-shot)", "lr", "trainable", "mem / full", "one forward"), [
+        (r["task"], r["method"], f"{r['accuracy_mean']:.1f} +- {r['accuracy_std']:.1f}",
+         f"{r['accuracy_mean_16shot']:.1f} +- {r['accuracy_std_16shot']:.1f}" if "accuracy_mean_16shot" in r else "-",
+         f"{r['lr']:g}", f"{r['trainable_params']:,d}",
+         f"{r['memory_ratio_to_full']:.3f}" if r.get("memory_ratio_to_full") else "-",
+         "yes" if r["one_forward_serves_many_tasks"] else "no")
+        if "error" not in r else (r["task"], r["method"], "not run", "-", "-", "-", "-", "-") for r in rows])
 
 
 def main() -> None:
@@ -140,13 +155,7 @@ def main() -> None:
                                        if "error" not in r else f"not run: {r['error'][:120]}"), flush=True)
             write_json(args.json, {"meta": machine(), "rows": rows})  # partial results survive a stop
     seconds = time.perf_counter() - began
-    table(("task", "method", "acc % (1000)", "acc % (16-shot)", "lr", "trainable", "mem / full", "one forward"), [
-        (r["task"], r["method"], f"{r['accuracy_mean']:.1f} +- {r['accuracy_std']:.1f}",
-         f"{r['accuracy_mean_16shot']:.1f} +- {r['accuracy_std_16shot']:.1f}" if "accuracy_mean_16shot" in r else "-",
-         f"{r['lr']:g}", f"{r['trainable_params']:,d}",
-         f"{r['memory_ratio_to_full']:.3f}" if r.get("memory_ratio_to_full") else "-",
-         "yes" if r["one_forward_serves_many_tasks"] else "no")
-        if "error" not in r else (r["task"], r["method"], "not run", "-", "-", "-", "-", "-") for r in rows])
+    print_rows(rows)
     print(f"{len(rows)} rows in {seconds:.0f} s")
     write_json(args.json, {"meta": {**machine(), "seconds": seconds, "quick": args.quick, "seeds": args.seeds,
                                     "protocol": "lr chosen on train 800 / validation 200 (seed 0), then retrained on "

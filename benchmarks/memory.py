@@ -32,7 +32,8 @@ from torch import nn
 # Row -> (registered method, its options). The bypass by default has a CLS head, so it runs on the CLS token
 # alone (exact); `all_tokens` pools the mean, which makes it run on every token, as in the paper;
 # `no_recompute` also keeps every bypass activation for backward; `backbone_batch_8` runs the frozen forward 8
-# examples at a time (the same features; smaller transient activations).
+# examples at a time (the same features; smaller transient activations); `attention_pool` reads every token through
+# a learned query; `reinject_2` runs the last two blocks again on the bypass state, with autograd.
 METHODS = {
     "full": ("full", {}),
     "linear": ("linear", {}),
@@ -41,6 +42,11 @@ METHODS = {
     "bypass_backbone_batch_8": ("bypass", {"backbone_batch": 8}),
     "bypass_all_tokens": ("bypass", {"pooling": "mean"}),
     "bypass_no_recompute": ("bypass", {"pooling": "mean", "recompute": False}),
+    "bypass_attention_pool": ("bypass", {"pooling": "attention"}),
+    "bypass_reinject_2": ("bypass", {"reinject": 2}),
+    "bypass_attention_reinject_2": ("bypass", {"pooling": "attention", "reinject": 2}),
+    "bypass_softmax": ("bypass", {"combine": "softmax", "vertical": None}),
+    "bypass_token_mixer": ("bypass", {"horizontal": "res_token_mixer"}),
     "peft_lora": ("peft_lora", {"target_modules": ["q_proj", "v_proj"]}),
     "side_tuning": ("side_tuning", {}),
     "lst": ("lst", {}),

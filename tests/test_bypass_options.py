@@ -31,9 +31,10 @@ MATRIX = [(m, o) for m in TOKEN_MODELS for o in OPTIONS] + [
     (m, o) for m in sorted(CNN_CASES) for o in ("attention_pool", "token_mixer_h", "token_mixer_hv")]
 
 
-def _model(name: str, num_classes: int | None = None, **options) -> ResTuningBypassModel:
+def _model(name: str, num_classes: int | None = None, depth: int | None = None, **options) -> ResTuningBypassModel:
     torch.manual_seed(0)
-    return restuning.get_restuning_model(MODELS[name].model(), BypassConfig(num_classes=num_classes, **options))
+    backbone = MODELS[name].model() if depth is None else MODELS[name].model(depth=depth)
+    return restuning.get_restuning_model(backbone, BypassConfig(num_classes=num_classes, **options))
 
 
 def _expected_at_init(name: str, kind: str, model: ResTuningBypassModel, inputs: dict) -> torch.Tensor:
@@ -167,3 +168,94 @@ def test_backbone_batch_splits_per_sample_arguments_of_a_unet():
     chunked = restuning.get_restuning_model(tiny_unet(cross_attention_dim=32), BypassConfig(backbone_batch=2))
     with torch.no_grad():
         torch.testing.assert_close(chunked(**batch), whole(**batch), atol=1e-5, rtol=0)
+
+
+# --- late re-injection ------------------------------------------------------------------------
+REINJECT_MODELS = [m for m in TOKEN_MODELS if m != "clip_model"]
+
+
+@pytest.mark.parametrize("model_name", REINJECT_MODELS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_reinjection_starts_as_the_bypass_trains_through_the_last_blocks_and_saves(model_name, k, tmp_path):
+    case = MODELS[model_name]
+    inputs = case.inputs()
+    plain = _model(model_name, 3, depth=k + 1)
+    model = _model(model_name, 3, depth=k + 1, reinject=k)
+    assert model.task.reinjected == model.plan.points[-k:] and not model.task.first_token_only
+    assert not model.cacheable and plain.cacheable
+    model.task.load_state_dict(plain.task.state_dict(), strict=False)  # all but the re-injection gates
+    with torch.no_grad():  # s = 0: the blocks run again on their own inputs
+        torch.testing.assert_close(model(**inputs), plain(**inputs), atol=1e-5, rtol=0)
+    before = {key: v.clone() for key, v in model.base_model.state_dict().items()}
+    losses = train_steps(model, inputs, torch.tensor([0, 2]), steps=3, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, before[key]) for key, v in model.base_model.state_dict().items())
+    assert all(p.grad is None for p in model.base_model.parameters())
+    assert model.task.bypass.reinject_gates.abs().min() > 0  # each gate got a gradient and moved
+    model.save_pretrained(tmp_path / "reinject")
+    restored = ResTuningBypassModel.from_pretrained(case.model(depth=k + 1), tmp_path / "reinject")
+    torch.testing.assert_close(restored(**inputs), model(**inputs), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="live backbone forward .* not on features tapped earlier"):
+        model(features=model.features(**inputs), attention_mask=inputs.get("attention_mask"))
+    with pytest.raises(ConfigError, match="re-injects .* run it on its own"):
+        MultiTaskBypass(case.model(depth=k + 1), {"reinject": tmp_path / "reinject"})
+
+
+def test_reinjection_changes_the_last_blocks_inputs_once_its_gates_open():
+    case = MODELS["vit"]
+    inputs = case.inputs()
+    model = _model("vit", 3, reinject=1)
+    with torch.no_grad():
+        model.task.bypass.vertical[0].residual.tuner.up.weight.normal_()  # b_0 != x_0, so b_1 != x_1
+        closed = model(**inputs)
+        model.task.bypass.reinject_gates.fill_(1.0)  # the last block reads b_1 instead of x_1
+        opened = model(**inputs)
+        x = model.features(**inputs)
+        b1 = model.task.bypass._step(0, model.task.bypass.theta, x[0], x[1])
+        seen = []
+        hook = model.base_model.get_submodule(model.plan.points[-1]).register_forward_pre_hook(
+            lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+        model(**inputs)
+        hook.remove()
+    assert (opened - closed).abs().max() > 1e-3
+    torch.testing.assert_close(seen[-1], b1, atol=1e-6, rtol=0)  # the second run of the block is on b_1
+
+
+@pytest.mark.parametrize("model_name", ["vit", "bert"])
+def test_reinjection_keeps_the_activations_of_the_rerun_blocks_only(model_name):
+    from restuning.memory import SavedTensorMeter
+
+    case = MODELS[model_name]
+
+    def saved(depth: int, k: int) -> int:
+        torch.manual_seed(0)
+        model = restuning.get_restuning_model(case.model(depth=depth), BypassConfig(num_classes=3, reinject=k,
+                                                                                   pooling="mean"))
+        model.train()
+        with SavedTensorMeter(model.parameters()) as meter:
+            loss = model(**case.inputs()).sum()
+        loss.backward()
+        return meter.bytes
+
+    hidden = case.read(case.model()(**case.inputs()))
+    feature = hidden.numel() * hidden.element_size()
+    # Blocks before the injection point add what the plain bypass keeps per layer (its checkpointed step's
+    # inputs), whether or not the last block runs again.
+    assert saved(4, 1) - saved(3, 1) == saved(4, 0) - saved(3, 0)
+    # Each re-run block keeps its activations (attention, MLP): several (B, T, D) tensors more.
+    assert saved(4, 2) - saved(4, 1) >= 4 * feature and saved(4, 1) - saved(4, 0) >= 4 * feature
+
+
+def test_reinjection_refuses_what_it_cannot_do():
+    with pytest.raises(ConfigError, match="combine: softmax has no chain"):
+        BypassConfig(reinject=1, combine="softmax", vertical=None)
+    with pytest.raises(ConfigError, match="every layer must feed the bypass"):
+        BypassConfig(reinject=1, layers=[0, 1])
+    with pytest.raises(ConfigError, match="backbone_batch: null"):
+        BypassConfig(reinject=1, backbone_batch=4)
+    with pytest.raises(ConfigError, match="reinject: 2 blocks, but the bypass reads 2 layers; at most 1"):
+        _model("vit", 3, reinject=2)
+    with pytest.raises(ConfigError, match="layers are 'map'"):
+        _model("resnet", 3, reinject=1)
+    with pytest.raises(ConfigError, match="reinject"):
+        BypassConfig.from_dict({"reinject": -1})

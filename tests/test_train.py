@@ -271,6 +271,23 @@ def test_bypass_training_uses_the_feature_cache_and_matches_training_without(tmp
     assert Trainer(augmented, progress=False)._feature_cache() is None  # random crops: never cached
 
 
+def test_a_reinjecting_bypass_trains_on_the_live_backbone_and_is_served_beside_shared_tasks(tmp_path):
+    from restuning.train.task_table import TaskTable
+
+    config = _config(tmp_path, "bypass")
+    config.method.config = {"reinject": 1}
+    trainer = Trainer(config, progress=False)
+    assert trainer._feature_cache() is None  # its last block runs again on the bypass state: no cache
+    result = trainer.run()
+    plain = _config(tmp_path, "bypass", {"output_dir": str(tmp_path / "plain")})
+    Trainer(plain, progress=False).run()
+    table = TaskTable(config.backbone)
+    table.add("reinject", config.output_dir)
+    table.add("plain", plain.output_dir)
+    assert not table.tasks["reinject"].shared and table.tasks["plain"].shared
+    assert evaluate_run(config.output_dir)["test_accuracy"] == result["test_accuracy"]
+
+
 def test_a_feature_cache_on_disk_trains_as_the_one_in_memory_and_is_reused(tmp_path):
     in_memory = Trainer(_config(tmp_path / "memory", "bypass"), progress=False).run()
     config = _config(tmp_path / "disk", "bypass")

@@ -55,6 +55,12 @@ class BypassConfig(ConfigBase):
                                         "at a time and join their features (the same features, since it runs "
                                         "without autograd; its transient activations shrink with the chunk, at "
                                         "some speed); null: the whole batch at once")
+    reinject: int = option(0, ge=0, help="late re-injection: the bypass state is added back into the inputs of the "
+                           "last `reinject` tapped blocks (`z = x + s (b - x)`, one gate `s` per block, zero at "
+                           "init), which then run again with autograd through their activations, never their "
+                           "weights; more memory, and it gives up the feature cache and the one backbone forward "
+                           "for many tasks (only the blocks before the injection are shared); token backbones, "
+                           "every layer tapped; 0: off")
     tower: str | None = option(None, help="of a model with several towers (CLIPModel: `text_model`, `vision_model`), "
                                "the submodule the bypass reads: its blocks are tapped (`taps` are names inside it) and "
                                "the backbone is called through it, so the model takes that tower's inputs alone")
@@ -66,6 +72,21 @@ class BypassConfig(ConfigBase):
         if self.combine == "softmax" and self.vertical is not None:
             raise ConfigError("combine: softmax weights each layer's H_l(x_l) on its own, with no chain between "
                               "layers for vertical tuners to run on; set vertical: null")
+        if self.reinject:
+            if self.combine != "gates":
+                raise ConfigError("reinject adds the chain's state b_l back into the blocks; combine: softmax has no "
+                                  "chain (set combine: gates, or reinject: 0)")
+            if self.layers is not None:
+                raise ConfigError("reinject runs the last blocks again on the bypass state of the layer before, so "
+                                  "every layer must feed the bypass; set layers: null (or reinject: 0)")
+            if self.backbone_batch is not None:
+                raise ConfigError("reinject re-runs the last blocks on the whole batch with autograd; "
+                                  "backbone_batch: null (or reinject: 0)")
+
+    @property
+    def shares_forward(self) -> bool:
+        """Whether one backbone forward can serve this task beside others (no block runs on its own state)."""
+        return self.reinject == 0
 
     @classmethod
     def variant(cls, name: str, tuner: str = "res_adapter", **kwargs: Any) -> BypassConfig:

@@ -17,7 +17,7 @@ from ..precision import trainable_dtype
 from .compiled import CompiledTask
 from .config import BypassConfig
 from .network import BypassTask
-from .taps import FeatureTaps, TapPlan
+from .taps import BlockCalls, FeatureTaps, TapPlan
 
 METHOD = BypassTask.checkpoint_method
 
@@ -32,14 +32,16 @@ class FrozenBackbone(ParameterReport, nn.Module):
     # whole batch's, while the forward's transient activations shrink with the chunk.
     backbone_batch: int | None = None
 
-    def __init__(self, model: nn.Module, plan: TapPlan, needed: int, first_token_only: bool = False):
+    def __init__(self, model: nn.Module, plan: TapPlan, needed: int, first_token_only: bool = False,
+                 calls: tuple[str, ...] = ()):
+        """`calls`: tapped blocks whose calls each forward records, to run them again (`features_and_calls`)."""
         super().__init__()
         self.base_model = model.eval()
         self.plan = plan
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        self.taps = FeatureTaps(model, plan.points[:needed], first_token_only).attach()
+        self.taps = FeatureTaps(model, plan.points[:needed], first_token_only, calls=calls).attach()
 
     @property
     def final_norm(self) -> nn.Module | None:
@@ -76,6 +78,11 @@ class FrozenBackbone(ParameterReport, nn.Module):
             return self.taps(lambda: runner(*args, **kwargs))
         parts = [self.taps(lambda a=a, k=k: runner(*a, **k)) for a, k in chunks]
         return [torch.cat(layer) for layer in zip(*parts, strict=True)]
+
+    def features_and_calls(self, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], BlockCalls]:
+        """As `features` (in one piece), and the recorded calls of the taps' `calls` blocks."""
+        runner = self.base_model.get_submodule(self.plan.call) if self.plan.call else self.base_model
+        return self.taps.with_calls(lambda: runner(*args, **kwargs))
 
     def _retap(self, needed: int, first_token_only: bool) -> None:
         if len(self.taps.points) != needed or self.taps.first_token_only != first_token_only:
@@ -119,10 +126,21 @@ class ResTuningBypassModel(FrozenBackbone):
     def __init__(self, model: nn.Module, config: BypassConfig, task: BypassTask | None = None):
         plan = task.plan if task is not None else self.task_class.plan_for(model, config)
         task = task if task is not None else _build_task(model, plan, config, self.task_class)
-        super().__init__(model, plan, _needed(task), task.first_token_only)
+        super().__init__(model, plan, _needed(task), task.first_token_only, task.reinjected)
         self.backbone_batch = config.backbone_batch
         self.bypass_config = config
         self.task = task
+
+    def forward(self, *args: Any, features: list[torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+        if features is None and self.task.reinjected:  # the last blocks run again on the bypass state
+            features, calls = self.features_and_calls(*args, **kwargs)
+            return self._task_call()(features, kwargs.get("attention_mask"), self.final_norm, blocks=calls)
+        return super().forward(*args, features=features, **kwargs)
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether training may read this model's features from a feature cache (no block runs again)."""
+        return not self.task.reinjected
 
     @property
     def bypass(self) -> nn.Module:

@@ -58,6 +58,10 @@ class MultiTaskBypass(FrozenBackbone):
         else:
             raise ConfigError(f"task {name!r}: expected a bypass model, task, BypassConfig or checkpoint folder, "
                               f"got {type(source).__name__}")
+        if task.reinjected:
+            raise ConfigError(f"task {name!r} re-injects its bypass state into the last {task.config.reinject} "
+                              f"blocks, which then run on that task's own state: one backbone forward cannot serve "
+                              f"it beside other tasks; run it on its own (ResTuningBypassModel)")
         if task.plan.points != self.plan.points:
             raise ConfigError(f"task {name!r} taps {list(task.plan.points)}, this backbone {list(self.plan.points)}")
         self.tasks[name] = task

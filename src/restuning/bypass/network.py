@@ -9,6 +9,8 @@ sizes, `V_l` first resamples `b_{l-1}` to `x_l`'s resolution and projects its ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -68,6 +70,12 @@ class BypassNetwork(nn.Module):
             self.layer_logits = nn.Parameter(torch.zeros(depth))  # equal weights at init
         else:
             self.theta = nn.Parameter(torch.full((depth,), float(config.gate_init)))
+        if config.reinject >= depth:  # the first block run again reads the state of at least one layer
+            raise ConfigError(f"reinject: {config.reinject} blocks, but the bypass reads {depth} layers; at most "
+                              f"{depth - 1} (the first block run again reads the bypass state after a layer)")
+        self.reinject = config.reinject
+        # s_j of `z = x + s_j (b - x)` for the last `reinject` blocks: zero, so the blocks first see their own input.
+        self.reinject_gates = nn.Parameter(torch.zeros(config.reinject)) if config.reinject else None
         self.horizontal = nn.ModuleList(
             Residual(_tuner(config.horizontal, OpContext(w, w, grid=grid, causal=causal), config.dim,
                             f"bypass horizontal {i}"))
@@ -89,18 +97,30 @@ class BypassNetwork(nn.Module):
         """The parameter that joins the layers (gates or layer logits): it always trains and sets the dtype."""
         return self.theta if self.combine == "gates" else self.layer_logits
 
-    def forward(self, features: list[torch.Tensor], recompute: bool | None = None) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor], recompute: bool | None = None,
+                rerun: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """features: [x_0, x_1, ..., x_L], each (B, T, D_l) or channels-last (B, H_l, W_l, C_l), in any floating
         dtype: each `x_l` is cast to the bypass's dtype inside its step, so a low-precision backbone's features
         are not copied to float32 all at once (under `recompute`, backward keeps the low-precision `x_l`).
-        Returns b_L. `recompute`: recompute each step in backward (None: the config's `recompute`)."""
+        Returns b_L. `recompute`: recompute each step in backward (None: the config's `recompute`).
+        `rerun(l, z)`: layer l's frozen block on the hidden state z (B, T, D), with autograd; needed, and
+        then used for the last `reinject` layers, whose `x_l` it recomputes from `z = x_{l-1} + s (b_{l-1} -
+        x_{l-1})`."""
         mixing = self.mixing
         recompute = self.recompute if recompute is None else recompute
         recompute = recompute and torch.is_grad_enabled() and mixing.requires_grad
         if self.combine == "softmax":
             return self._weighted(features[1:], recompute)
+        if self.reinject and rerun is None:
+            raise ValueError(f"this bypass re-injects its state into the last {self.reinject} blocks, so it runs on "
+                             f"a live backbone forward (rerun), not on features tapped earlier (a feature cache)")
         b = features[0].to(mixing.dtype)
+        first_rerun = len(features) - 1 - self.reinject
+        x_prev = features[first_rerun]
         for i, x in enumerate(features[1:]):
+            if i >= first_rerun:
+                z = torch.lerp(x_prev.to(b.dtype), b, self.reinject_gates[i - first_rerun].to(b.dtype))
+                x = x_prev = rerun(i, z)
             if recompute:
                 # Reentrant: the step's inputs go through ctx.save_for_backward, so what is kept stays
                 # visible to saved_tensors_hooks (and to SavedTensorMeter); theta makes the step need grad.
@@ -175,7 +195,16 @@ class BypassTask(nn.Module):
             self.layers[-1] == plan.depth - 1 or len(set(plan.widths)) == 1
         )
         # The head reads the first token and nothing mixes tokens: the bypass on that token alone is exact.
-        self.first_token_only = plan.layout == "tokens" and plan.pooling == "cls" and self.bypass.position_wise
+        self.first_token_only = (plan.layout == "tokens" and plan.pooling == "cls" and self.bypass.position_wise
+                                 and not config.reinject)
+        if config.reinject and plan.layout != "tokens":
+            raise ConfigError(f"reinject runs token blocks again on the bypass state; this backbone's layers are "
+                              f"{plan.layout!r} (reinject: 0)")
+
+    @property
+    def reinjected(self) -> tuple[str, ...]:
+        """The tapped blocks that run again on the bypass state (`config.reinject`), in forward order."""
+        return self.plan.points[len(self.plan.points) - self.config.reinject:] if self.config.reinject else ()
 
     @property
     def needed(self) -> int:
@@ -185,16 +214,19 @@ class BypassTask(nn.Module):
     def forward(
         self, features: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
         final_norm: nn.Module | None = None, recompute: bool | None = None,
+        blocks: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """features: [x_0, x_1, ..., x_depth] as tapped; attention_mask: (B, T) for mean pooling; `recompute`:
-        as `BypassNetwork.forward`. Returns logits (B, num_classes), or the pooled final state (B, width)
-        without a head."""
+        as `BypassNetwork.forward`; `blocks(name, hidden)`: the frozen block `name` run again on `hidden` (a
+        `BlockCalls` of this forward), for `reinjected`. Returns logits (B, num_classes), or the pooled final
+        state (B, width) without a head."""
         chosen = [features[0], *(features[i + 1] for i in self.layers)]
         if self.first_token_only:
             chosen = [f[:, :1] for f in chosen]
         if self.plan.layout == "map":
             chosen = [f.movedim(1, -1) for f in chosen]
-        b = self.bypass(chosen, recompute)
+        rerun = None if blocks is None else (lambda i, z: blocks(self.plan.points[i], z))
+        b = self.bypass(chosen, recompute, rerun)
         return self.head(read_out(b, self.plan, attention_mask, final_norm if self.uses_final_norm else None,
                                   self.attention_pool))
 

@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from ..config import ConfigError
 from ..hooks import first_input, output_tensor
 from ..ops import FAMILIES, OpMatchError, block_stacks, family_for_model, name_matches, token_layout, widths
+from ..precision import compute_dtype
 from .config import BypassConfig
 
 
@@ -128,14 +129,19 @@ class FeatureTaps:
     With `grad`, the backbone runs with autograd (to read a model that trains through its backbone).
     """
 
-    def __init__(self, model: nn.Module, points: tuple[str, ...], first_token_only: bool = False, grad: bool = False):
+    def __init__(self, model: nn.Module, points: tuple[str, ...], first_token_only: bool = False, grad: bool = False,
+                 calls: tuple[str, ...] = ()):
+        """`calls`: tapped modules whose call (arguments and keyword arguments) is recorded too (`with_calls`)."""
         self.model, self.points, self.first_token_only, self.grad = model, tuple(points), first_token_only, grad
+        self.calls = tuple(calls)
         self.handles: list[RemovableHandle] = []
-        self._record: dict[str, torch.Tensor] | None = None
+        self._record: dict[str, Any] | None = None
 
     def attach(self) -> FeatureTaps:
         get = self.model.get_submodule
         self.handles.append(get(self.points[0]).register_forward_pre_hook(self._input_hook, with_kwargs=True))
+        for name in self.calls:
+            self.handles.append(get(name).register_forward_pre_hook(self._call_hook(name), with_kwargs=True))
         for name in self.points:
             hook = self._output_hook(name, last=name == self.points[-1])
             self.handles.append(get(name).register_forward_hook(hook))
@@ -149,6 +155,13 @@ class FeatureTaps:
     def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._record is not None and "" not in self._record:
             self._record[""] = self._keep(first_input(args, kwargs))
+
+    def _call_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._record is not None:
+                self._record["call:" + name] = (args, kwargs)
+
+        return hook
 
     def _output_hook(self, name: str, last: bool):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -165,6 +178,10 @@ class FeatureTaps:
 
     def __call__(self, run: Callable[[], Any]) -> list[torch.Tensor]:
         """Run `run()` (a backbone call), without autograd unless `grad`; return [x_0, x_1, ..., x_L]."""
+        return self.with_calls(run)[0]
+
+    def with_calls(self, run: Callable[[], Any]) -> tuple[list[torch.Tensor], BlockCalls]:
+        """As calling the taps, and the recorded calls of the `calls` modules, to run them again (`BlockCalls`)."""
         if not self.handles:
             raise RuntimeError("FeatureTaps are not attached")
         self._record = {}
@@ -175,7 +192,41 @@ class FeatureTaps:
             pass
         finally:
             record, self._record = self._record, None
-        missing = [n for n in ("", *self.points) if n not in record]
+        missing = [n for n in ("", *self.points) if n not in record] + [n for n in self.calls
+                                                                        if "call:" + n not in record]
         if missing:
             raise RuntimeError(f"the backbone call did not run the tapped modules {missing}")
-        return [record[""], *(record[n] for n in self.points)]
+        calls = BlockCalls(self.model, {n: record["call:" + n] for n in self.calls})
+        return [record[""], *(record[n] for n in self.points)], calls
+
+
+def _is_cache(value: Any) -> bool:
+    """A transformers key/value cache (`Cache`), by what it does."""
+    return hasattr(value, "get_seq_length") and hasattr(value, "update")
+
+
+class BlockCalls:
+    """Frozen blocks' calls as one backbone forward made them, to run again on another hidden state.
+
+    The block runs with its own weights (never trained) and the call's other arguments (masks, position
+    embeddings); autograd, where enabled, reaches the new hidden state only.
+    """
+
+    def __init__(self, model: nn.Module, calls: dict[str, tuple[tuple, dict]]):
+        self.model, self.calls = model, calls
+
+    def __call__(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `name` on `hidden` (the shape of its recorded input; any floating dtype, run in the block's
+        own, returned in `hidden`'s): its output tensor."""
+        args, kwargs = self.calls[name]
+        # A decoder's key/value cache already holds this forward's keys: the second run must not append to it.
+        args = tuple(None if _is_cache(a) else a for a in args)
+        kwargs = {k: (None if _is_cache(v) else False if k == "use_cache" else v) for k, v in kwargs.items()}
+        block = self.model.get_submodule(name)
+        dtype = compute_dtype(block)
+        x = hidden if dtype is None else hidden.to(dtype)
+        if args:
+            args = (x, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": x}
+        return output_tensor(block(*args, **kwargs)).to(hidden.dtype)

@@ -101,7 +101,9 @@ class TaskTable:
             raise ConfigError(f"task {name!r}: run {run.path} was trained on backbone {run.config.backbone!r}, "
                               f"this table serves {self.backbone_name!r}")
         self._check_size(name, run)
-        shared = self.share_forward and get_method(run.config.method.name).multi_task
+        method = get_method(run.config.method.name)
+        options = method.read_options(run.config.method.config, None)
+        shared = self.share_forward and method.multi_task and getattr(options, "shares_forward", True)
         task = Task(name, run, shared)
         if shared:
             if self.multi is None:

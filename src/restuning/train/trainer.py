@@ -120,6 +120,8 @@ class Trainer(TrainingLoop):
     def _feature_cache(self):
         if not self.method.reads_frozen_backbone or self.config.data.augment or not self.config.feature_cache:
             return None
+        if not getattr(self.unwrapped, "cacheable", True):  # e.g. a bypass that runs its last blocks again
+            return None
         self.feature_store = FeatureCache(self.config.feature_cache_dir)  # its `status` says what `get` did
         # A folder has one writer: the main process builds (or resumes) the store, the others then load it.
         with self.accelerator.main_process_first():
