@@ -113,6 +113,36 @@ def test_frozen_backbone_methods_train_in_float32_and_stay_close_to_float32(mode
     assert all(torch.equal(after[k], before[k]) for k in before), "the frozen backbone changed"
 
 
+@pytest.mark.parametrize("model_name", ["vit", "bert", "llama"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_reinjecting_bypass_runs_its_blocks_again_in_the_backbone_dtype_and_trains_in_float32(model_name, dtype):
+    case = READERS[model_name]
+    entry = get_method("bypass")
+
+    def build(held: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = entry.build(_held(held, case) if held != "float32" else case.model(),
+                            entry.read_options({"reinject": 1}, 3), 3)
+        with torch.no_grad():  # open the gate, so the block really runs on the bypass state
+            model.task.bypass.reinject_gates.fill_(0.5)
+            model.task.bypass.vertical[0].residual.tuner.up.weight.normal_(std=0.1)
+        return model
+
+    exact, model = build("float32"), build(dtype)
+    logits = model(**case.inputs())
+    assert logits.dtype == torch.float32
+    error = ((logits - exact(**case.inputs())).norm() / exact(**case.inputs()).norm()).item()
+    assert error < (0.05 if dtype == "bfloat16" else 0.15), error  # as the frozen-backbone methods' bounds
+    before = _plain_state(model.base_model)
+    gates = model.task.bypass.reinject_gates.detach().clone()
+    losses = train_steps(model, case.inputs(), torch.tensor([0, 1]), steps=3, lr=1e-2)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert model.task.bypass.reinject_gates.dtype == torch.float32
+    assert not torch.equal(model.task.bypass.reinject_gates, gates)
+    after = _plain_state(model.base_model)
+    assert all(torch.equal(after[k], before[k]) for k in before), "the frozen backbone changed"
+
+
 @pytest.mark.parametrize("model_name", sorted(CNN_CASES))
 @pytest.mark.parametrize("method", ["bypass", "linear", "restuning"])
 def test_cnn_backbones_in_int8_train(model_name, method):
