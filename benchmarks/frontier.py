@@ -6,7 +6,9 @@ split (train on 800 of the 1,000 training examples, validate on the other 200; s
 retrained on all 1,000 with that rate over `--seeds` and tested on the held-out test set; the 16-shot setting
 reuses the chosen rate. Nothing is tuned on the test split. Each run is `restuning.train` in its own process
 (`run_isolated`). Memory comes from benchmarks/memory.py's ViT-B/16 configuration (batch 32, 224 px):
-`--memory-json` reads its rows (`memory_ratio_to_full`); step times from benchmarks/step_time.py.
+`--memory-json` reads its rows (`memory_ratio_to_full`). Step times, interleaved in one process, come from
+`benchmarks/step_time.py --frontier`; benchmarks/frontier_report.py merges this script's JSON files with both
+and draws the plot.
 
 Tasks: all-MiniLM-L6-v2 on tweets, DINOv2-small on MNIST, EfficientNet-Lite0 on MNIST (a CNN: the side
 networks and DTL read tokens and refuse it; their rows say so).
@@ -114,13 +116,15 @@ def measure(task: str, row: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    table(("task", "method", "acc % (1000)", "acc % (16-shot)", "lr", "trainable", "mem / full", "one forward"), [
+    table(("task", "method", "acc % (1000)", "acc % (16-shot)", "lr", "trainable", "mem / full", "step / full",
+           "one forward"), [
         (r["task"], r["method"], f"{r['accuracy_mean']:.1f} +- {r['accuracy_std']:.1f}",
          f"{r['accuracy_mean_16shot']:.1f} +- {r['accuracy_std_16shot']:.1f}" if "accuracy_mean_16shot" in r else "-",
          f"{r['lr']:g}", f"{r['trainable_params']:,d}",
          f"{r['memory_ratio_to_full']:.3f}" if r.get("memory_ratio_to_full") else "-",
+         f"{r['step_time_ratio_to_full']:.3f}" if r.get("step_time_ratio_to_full") else "-",
          "yes" if r["one_forward_serves_many_tasks"] else "no")
-        if "error" not in r else (r["task"], r["method"], "not run", "-", "-", "-", "-", "-") for r in rows])
+        if "error" not in r else (r["task"], r["method"], "not run", *["-"] * 6) for r in rows])
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """The frontier's results in one place: merge benchmarks/frontier.py's JSON files (a later file's row for the
 same task and method replaces an earlier one), fill each row's memory ratio from benchmarks/memory.py's JSON
-files, print the table, and plot accuracy against ViT-B/16 training memory, one panel per task.
+files and its step-time ratio from benchmarks/step_time.py --frontier's, print the table, and plot accuracy
+against ViT-B/16 training memory, one panel per task.
 
     python benchmarks/frontier_report.py docs/frontier_*.json --memory-json docs/memory.json \\
-        docs/memory_frontier_variants.json --json docs/frontier.json --plot docs/frontier.png
+        docs/memory_frontier_variants.json --step-time-json docs/step_time_frontier.json \\
+        --json docs/frontier.json --plot docs/frontier.png
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from frontier import TASKS, print_rows  # noqa: E402
 MEMORY_EFFICIENT = ("side_tuning", "lst", "dtl", "dtl_plus")  # the baselines the bypass is measured against
 
 
-def merge(paths: list[Path], memory: dict[str, float]) -> list[dict[str, Any]]:
+def merge(paths: list[Path], memory: dict[str, float], steps: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for path in paths:
         for row in json.loads(path.read_text())["rows"]:
             rows[(row["task"], row["method"])] = {**row, "source": str(path)}
-    for row in rows.values():
+    for key, row in rows.items():
         if row.get("memory_row") in memory:
             row["memory_ratio_to_full"] = memory[row["memory_row"]]
+        if key in steps:
+            row["step_time_ratio_to_full"] = steps[key]
     order = list(TASKS)
     return sorted(rows.values(), key=lambda r: (order.index(r["task"]) if r["task"] in order else len(order),
                                                 r["method"]))
@@ -64,13 +68,20 @@ def main() -> None:
     parser.add_argument("inputs", nargs="+", type=Path, help="benchmarks/frontier.py JSON files, in order")
     parser.add_argument("--memory-json", nargs="*", type=Path, default=[],
                         help="benchmarks/memory.py JSON files: each row's ratio_to_full (later files win)")
+    parser.add_argument("--step-time-json", nargs="*", type=Path, default=[],
+                        help="benchmarks/step_time.py --frontier JSON files: each row's ratio_to_full")
     parser.add_argument("--json", type=Path, help="write the merged rows here")
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
     args = parser.parse_args()
     memory: dict[str, float] = {}
     for path in args.memory_json:
         memory.update({k: v["ratio_to_full"] for k, v in json.loads(path.read_text())["methods"].items()})
-    rows = merge([p for p in args.inputs if p != args.json], memory)
+    steps: dict[tuple[str, str], float] = {}
+    for path in args.step_time_json:  # the step as the trainer takes it: from the cache where the method can
+        timed = [r for r in json.loads(path.read_text())["rows"] if r["dtype"] == "float32"]
+        for r in sorted(timed, key=lambda r: r["cached"]):
+            steps[(r["task"], r["method"])] = r["ratio_to_full"]
+    rows = merge([p for p in args.inputs if p != args.json], memory, steps)
     print_rows(rows)
     write_json(args.json, {"meta": {"merged_from": [str(p) for p in args.inputs if p != args.json]}, "rows": rows})
     if args.plot:

@@ -6,10 +6,12 @@ step in the same run.
 Tasks as compare.py: all-MiniLM-L6-v2 on tweets (32 tokens) and DINOv2-small on MNIST (56 px), batch 32,
 real examples. A step is forward, cross-entropy, backward and the training loop's AdamW step. The
 memory-efficient methods (`reads_frozen_backbone`) step from cached features, as the trainer trains them,
-and again as `method (no cache)` with the backbone run at every step. `--dtypes` adds rows with the frozen
-backbone held in bfloat16 or int8 for the methods that take it (`backbone_dtype`).
+and again as `method (no cache)` with the backbone run at every step. `--frontier` times
+benchmarks/frontier.py's rows (a method and its options) on its three tasks instead. `--dtypes` adds rows
+with the frozen backbone held in bfloat16 or int8 for the methods that take it (`backbone_dtype`).
 
     python benchmarks/step_time.py --json docs/step_time.json
+    python benchmarks/step_time.py --frontier --json docs/step_time_frontier.json
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from pathlib import Path
 import torch
 from _report import machine, table, write_json
 from compare import METHODS, TASKS
+from frontier import METHODS as FRONTIER_METHODS
+from frontier import TASKS as FRONTIER_TASKS
 
 from restuning.data.shipped import SHIPPED
+from restuning.errors import RestuningError
 from restuning.methods import build_classifier, get_method
 from restuning.train.backbones import load_backbone
 from restuning.train.optim import adamw
@@ -33,19 +38,20 @@ from restuning.train.optim import adamw
 BATCH = 32
 
 
-def _inputs(task: str, backbone) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+def _inputs(task: str, backbone, tasks: dict = TASKS) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """One batch of real examples of `task`, encoded as its runs encode them, its labels and class count."""
-    _, data = TASKS[task]
+    _, data = tasks[task]
     full = SHIPPED[data["name"]]()
     batch = full.subset(torch.arange(BATCH))
     inputs = backbone.encode(batch, data.get("image_size", 56), data.get("max_length", 32))
     return inputs, batch.labels, len(full.classes)
 
 
-def _step(method: str, backbone, inputs: dict, labels: torch.Tensor, classes: int, cached: bool
+def _step(method: str, options: dict, backbone, inputs: dict, labels: torch.Tensor, classes: int, cached: bool
           ) -> tuple[Callable[[], None], int]:
-    """A closure running one optimizer step of `method` on its own copy of the backbone; trainable params."""
-    model = build_classifier(method, copy.deepcopy(backbone.model), classes, {})
+    """A closure running one optimizer step of `method` (with `options`) on its own copy of the backbone;
+    trainable params."""
+    model = build_classifier(method, copy.deepcopy(backbone.model), classes, options)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=1e-3, weight_decay=0.05)
@@ -71,26 +77,41 @@ def _step(method: str, backbone, inputs: dict, labels: torch.Tensor, classes: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--frontier", action="store_true", help="benchmarks/frontier.py's rows and tasks "
+                        "(methods with their options) instead of compare.py's methods")
+    parser.add_argument("--tasks", nargs="+", choices=list(FRONTIER_TASKS))
+    parser.add_argument("--methods", nargs="+", choices=sorted({*METHODS, *FRONTIER_METHODS}))
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds over all methods; medians reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     args = parser.parse_args()
+    # Row -> (registered method, its options).
+    choices = ({"full": ("full", {}), **{row: m[:2] for row, m in FRONTIER_METHODS.items()}} if args.frontier
+               else {m: (m, {}) for m in METHODS})
+    tasks = FRONTIER_TASKS if args.frontier else TASKS
+    args.tasks = args.tasks or list(tasks)
+    args.methods = args.methods or list(choices)
 
     rows = []
     for task in args.tasks:
         args.dtypes = ["float32", *[d for d in args.dtypes if d != "float32"]]  # full fine-tuning is the baseline
-        backbones = {d: load_backbone(TASKS[task][0], d) for d in args.dtypes}
-        inputs, labels, classes = _inputs(task, backbones[args.dtypes[0]])
+        backbones = {d: load_backbone(tasks[task][0], d) for d in args.dtypes}
+        inputs, labels, classes = _inputs(task, backbones[args.dtypes[0]], tasks)
         cells: dict[tuple[str, str, bool], tuple[Callable[[], None], int]] = {}
-        for method in ["full", *[m for m in args.methods if m != "full"]]:
+        for row in ["full", *[m for m in args.methods if m != "full"]]:
+            method, options = choices[row]
             entry = get_method(method)
+            cacheable = entry.reads_frozen_backbone and getattr(entry.read_options(options, classes),
+                                                                "shares_forward", True)
             for dtype in args.dtypes:
                 if dtype != "float32" and not entry.low_precision:
                     continue
-                for cached in ([True, False] if entry.reads_frozen_backbone else [False]):
-                    cells[(method, dtype, cached)] = _step(method, backbones[dtype], inputs, labels, classes, cached)
+                for cached in ([True, False] if cacheable else [False]):
+                    try:
+                        cells[(row, dtype, cached)] = _step(method, options, backbones[dtype], inputs, labels,
+                                                            classes, cached)
+                    except (RestuningError, RuntimeError) as err:  # a side network on a CNN, say
+                        print(f"{task} {row}: not run ({str(err)[:100]})")
         times: dict[tuple[str, str, bool], list[float]] = {key: [] for key in cells}
         walls: dict[tuple[str, str, bool], list[float]] = {key: [] for key in cells}
         for round_ in range(args.warmup + args.repeats):  # interleaved: each round steps every method once
@@ -104,7 +125,7 @@ def main() -> None:
         for (method, dtype, cached), (_, trainable) in cells.items():
             cpu = statistics.median(times[(method, dtype, cached)])
             rows.append({"task": task, "method": method, "dtype": dtype, "cached": cached,
-                         "row": method + ("" if cached or not get_method(method).reads_frozen_backbone
+                         "row": method + ("" if cached or (method, dtype, True) not in cells
                                           else " (no cache)") + ("" if dtype == "float32" else f" @{dtype}"),
                          "trainable_params": trainable, "cpu_ms_median": 1000 * cpu,
                          "cpu_ms_all": [1000 * t for t in times[(method, dtype, cached)]],
