@@ -46,3 +46,34 @@ def test_serve_benchmark_writes_rows_for_both_modes(tmp_path):
         assert r["throughput_rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
         if r["mode"] == "separate":
             assert r["throughput_ratio_to_separate"] == 1.0 and r["p99_ratio_to_separate"] == 1.0
+
+
+def test_frontier_report_merges_rows_fills_ratios_and_plots(tmp_path):
+    def row(method, task, acc, memory_row=None):
+        return {"method": method, "task": task, "accuracy_mean": acc, "accuracy_std": 0.5, "lr": 0.01,
+                "trainable_params": 10, "memory_row": memory_row, "memory_ratio_to_full": None,
+                "one_forward_serves_many_tasks": method == "bypass"}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"rows": [row("bypass", "tweets/minilm", 90.0, "bypass"),
+                                          row("lst", "tweets/minilm", 89.0, "lst")]}))
+    second.write_text(json.dumps({"rows": [row("bypass", "tweets/minilm", 91.0, "bypass"),  # replaces a.json's
+                                           {"method": "lst", "task": "mnist/efficientnet", "error": "maps"}]}))
+    memory, steps = tmp_path / "memory.json", tmp_path / "steps.json"
+    memory.write_text(json.dumps({"methods": {"bypass": {"ratio_to_full": 0.25}, "lst": {"ratio_to_full": 0.35}}}))
+    steps.write_text(json.dumps({"rows": [
+        {"task": "tweets/minilm", "method": "bypass", "dtype": "float32", "cached": False, "ratio_to_full": 0.3},
+        {"task": "tweets/minilm", "method": "bypass", "dtype": "float32", "cached": True, "ratio_to_full": 0.07}]}))
+    out, plot = tmp_path / "merged.json", tmp_path / "frontier.png"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "frontier_report.py"), str(first), str(second),
+                           "--memory-json", str(memory), "--step-time-json", str(steps), "--json", str(out),
+                           "--plot", str(plot)], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {(r["task"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("tweets/minilm", "bypass"), ("tweets/minilm", "lst"), ("mnist/efficientnet", "lst")}
+    bypass = rows[("tweets/minilm", "bypass")]
+    assert bypass["accuracy_mean"] == 91.0 and bypass["memory_ratio_to_full"] == 0.25
+    assert bypass["step_time_ratio_to_full"] == 0.07  # the cached step, as the trainer trains it
+    assert rows[("tweets/minilm", "lst")]["memory_ratio_to_full"] == 0.35
+    assert "error" in rows[("mnist/efficientnet", "lst")]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
