@@ -40,6 +40,28 @@ def merge(paths: list[Path], memory: dict[str, float], steps: dict[tuple[str, st
                                                 r["method"]))
 
 
+def markdown(rows: list[dict[str, Any]], task: str) -> str:
+    """The task's rows as the Markdown table docs/results.md shows."""
+    lines = ["| method | acc % (1000, 3 seeds) | acc % (16-shot, 3 seeds) | lr (chosen on validation) | "
+             "validation acc by lr | trainable | ViT-B/16 peak / full | step / full | one forward, many tasks |",
+             "|---|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        if r["task"] != task:
+            continue
+        if "error" in r:
+            lines.append(f"| `{r['method']}` | not run: {r['error'][:90]} | | | | | | | |")
+            continue
+        by_lr = ", ".join(f"{k}: {100 * v:.1f}" for k, v in r["validation_accuracy"].items())
+        cells = [f"`{r['method']}`", f"{r['accuracy_mean']:.1f} +- {r['accuracy_std']:.1f}",
+                 f"{r['accuracy_mean_16shot']:.1f} +- {r['accuracy_std_16shot']:.1f}"
+                 if "accuracy_mean_16shot" in r else "-", f"{r['lr']:g}", by_lr, f"{r['trainable_params']:,d}",
+                 f"{r['memory_ratio_to_full']:.3f}" if r.get("memory_ratio_to_full") else "-",
+                 f"{r['step_time_ratio_to_full']:.3f}" if r.get("step_time_ratio_to_full") else "-",
+                 "yes" if r["one_forward_serves_many_tasks"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
     tasks = [t for t in TASKS if any(r["task"] == t and "error" not in r for r in rows)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
@@ -72,6 +94,7 @@ def main() -> None:
                         help="benchmarks/step_time.py --frontier JSON files: each row's ratio_to_full")
     parser.add_argument("--json", type=Path, help="write the merged rows here")
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
+    parser.add_argument("--markdown", action="store_true", help="also print each task's table in Markdown")
     args = parser.parse_args()
     memory: dict[str, float] = {}
     for path in args.memory_json:
@@ -86,6 +109,9 @@ def main() -> None:
     write_json(args.json, {"meta": {"merged_from": [str(p) for p in args.inputs if p != args.json]}, "rows": rows})
     if args.plot:
         plot(rows, args.plot)
+    if args.markdown:
+        for task in dict.fromkeys(r["task"] for r in rows):
+            print(f"\n**{task}**\n\n{markdown(rows, task)}")
 
 
 if __name__ == "__main__":
