@@ -58,6 +58,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], tuple[float, ...], str | None]] = 
                                   "bypass_attention_reinject_2"),
     "bypass_token_mixer": ("bypass", {"horizontal": "res_token_mixer"}, MEMORY_GRID, "bypass_token_mixer"),
     "bypass_prefix": ("bypass", {"horizontal": "res_prefix"}, MEMORY_GRID, None),
+    "bypass_prompt_v": ("bypass", {"vertical": "res_prompt"}, MEMORY_GRID, None),
 }
 QUICK_METHODS = ("linear", "lst", "dtl", "bypass", "bypass_softmax")
 
