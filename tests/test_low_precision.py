@@ -301,6 +301,38 @@ def test_a_run_with_a_low_precision_backbone_trains_and_its_final_model_evaluate
     assert evaluate_run(config.output_dir)["test_accuracy"] == result["test_accuracy"]
 
 
+def test_predict_and_serve_answer_on_a_backbone_held_as_the_runs_were_trained(tmp_path):
+    from restuning.train.finished import open_run
+    from restuning.train.task_table import Query, TaskTable
+
+    def run(method: str, dtype: str) -> str:
+        config = from_dict(TrainConfig, {
+            "backbone": str(tiny_vit_folder(tmp_path)), "method": {"name": method}, "backbone_dtype": dtype,
+            "data": {"name": "mnist", "train_size": 48, "test_size": 16, "image_size": 16},
+            "optim": {"epochs": 1, "batch_size": 16, "lr": 0.01}, "output_dir": str(tmp_path / f"{method}-{dtype}"),
+        })
+        Trainer(config, progress=False).run()
+        return config.output_dir
+
+    bypass, restuning_run, plain = run("bypass", "int8"), run("restuning", "int8"), run("bypass", "float32")
+    images = torch.rand(3, 3, 16, 16)
+    table = TaskTable(str(tiny_vit_folder(tmp_path)))
+    table.add("bypass", bypass)
+    table.add("restuning", restuning_run)  # its own copy of the backbone, also in int8
+    assert table.backbone_dtype == "int8" and backbone_dtype(table.multi.base_model) == "int8"
+    assert backbone_dtype(table.tasks["restuning"].model._backbone[0]) == "int8"
+    answers = table.answer([Query(["bypass", "restuning"], images)])[0]
+    for name, path in (("bypass", bypass), ("restuning", restuning_run)):
+        finished = open_run(path)
+        backbone = finished.backbone()  # held as the run held it
+        with torch.no_grad():
+            expected = finished.model(backbone).eval()(**table.encode(images))
+        torch.testing.assert_close(answers[name], expected, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="trained on a float32 backbone; this table holds it in int8"):
+        table.add("plain", plain)
+    assert TaskTable(str(tiny_vit_folder(tmp_path)), backbone_dtype="float32").add("plain", plain).shared
+
+
 def test_the_unet_bypass_on_an_int8_unet_starts_at_the_frozen_unet_and_trains():
     from test_unet_bypass import inputs
 

@@ -61,12 +61,15 @@ class TaskTable:
     """Tasks on the backbone `backbone` (a shipped name, folder or Hub id). `image_size`/`max_length`
     override the input size the tasks were trained with; without them every task must share one.
     `share_forward=False` runs one backbone forward per task instead (the baseline the benchmarks compare
-    with). `forwards` counts backbone forwards."""
+    with). `backbone_dtype` holds the backbone as runs trained in that `backbone_dtype` held it; None: as the
+    first task's run did (the tasks of one table share one dtype). `forwards` counts backbone forwards."""
 
     def __init__(self, backbone: str, image_size: int | None = None, max_length: int | None = None,
-                 share_forward: bool = True):
+                 share_forward: bool = True, backbone_dtype: str | None = None):
         self.backbone_name = backbone
-        self.backbone: Backbone = load_backbone(backbone)  # encodes every input; its model serves one use
+        self.backbone_dtype, self._dtype_given = backbone_dtype, backbone_dtype is not None
+        # Encodes every input; its model serves one use.
+        self.backbone: Backbone = load_backbone(backbone, backbone_dtype or "float32")
         self._free = True  # whether self.backbone.model is still unused by any task
         self.image_size, self.max_length = image_size, max_length
         self._given = {"image_size": image_size is not None, "max_length": max_length is not None}
@@ -101,6 +104,7 @@ class TaskTable:
             raise ConfigError(f"task {name!r}: run {run.path} was trained on backbone {run.config.backbone!r}, "
                               f"this table serves {self.backbone_name!r}")
         self._check_size(name, run)
+        self._check_dtype(name, run)
         method = get_method(run.config.method.name)
         options = method.read_options(run.config.method.config, None)
         shared = self.share_forward and method.multi_task and getattr(options, "shares_forward", True)
@@ -145,6 +149,19 @@ class TaskTable:
                 f"{data.max_length}; the tasks here on {self.image_size}, {self.max_length}. Serve it apart, or "
                 "fix the input size for all (image_size/max_length)")
 
+    def _check_dtype(self, name: str, run: FinishedRun) -> None:
+        """A run is answered on a backbone held as it was trained: the first task fixes the table's dtype."""
+        dtype = run.config.backbone_dtype
+        if self._dtype_given or self.tasks:
+            if dtype != self.backbone_dtype:
+                raise ConfigError(f"task {name!r}: run {run.path} was trained on a {dtype} backbone; this table "
+                                  f"holds it in {self.backbone_dtype} (backbone_dtype), as its other tasks were "
+                                  f"trained. Serve it apart")
+            return
+        if dtype != (self.backbone_dtype or "float32"):  # no task fixes it yet: hold the backbone as this run did
+            self.backbone, self._free, self.multi = load_backbone(self.backbone_name, dtype), True, None
+        self.backbone_dtype = dtype
+
     def _take_model(self) -> nn.Module:
         return self._take_backbone().model
 
@@ -153,7 +170,7 @@ class TaskTable:
         if self._free:
             self._free = False
             return self.backbone
-        return load_backbone(self.backbone_name)
+        return load_backbone(self.backbone_name, self.backbone_dtype or "float32")
 
     # --- answers -------------------------------------------------------------------------------
     def encode(self, inputs: Inputs) -> dict[str, torch.Tensor]:
