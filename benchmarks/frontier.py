@@ -60,13 +60,23 @@ METHODS: dict[str, tuple[str, dict[str, Any], tuple[float, ...], str | None]] = 
     "bypass_prefix": ("bypass", {"horizontal": "res_prefix"}, MEMORY_GRID, None),
     "bypass_prompt_v": ("bypass", {"vertical": "res_prompt"}, MEMORY_GRID, None),
 }
+# Options a task needs beside its row's: Res-Tuning on a CNN tunes whole blocks (paper Table 16).
+TASK_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("mnist/efficientnet", "restuning"): {"mha": None, "ffn": None, "block": "res_adapter"},
+}
 QUICK_METHODS = ("linear", "lst", "dtl", "bypass", "bypass_softmax")
+
+
+def row_method(task: str, row: str) -> tuple[str, dict[str, Any]]:
+    """The registered method of `row` and its options on `task`."""
+    method, options, _, _ = METHODS[row]
+    return method, {**options, **TASK_OPTIONS.get((task, row), {})}
 
 
 def config_for(task: str, row: str, lr: float, seed: int, size: str, validation: bool, root: Path,
                quick: bool) -> TrainConfig:
     backbone, data = TASKS[task]
-    method, options, _, _ = METHODS[row]
+    method, options = row_method(task, row)
     n = 200 if quick else 1000
     data = dict(data, **({"shots": 16} if size == "16-shot" else {"train_size": n}), validation=validation)
     if quick:
@@ -89,7 +99,8 @@ def run(config: TrainConfig, threads: int | None) -> dict[str, Any]:
 
 def measure(task: str, row: str, args: argparse.Namespace) -> dict[str, Any]:
     """One row: the rate chosen on the validation split, then the seeds on the test split (1000 and 16-shot)."""
-    method, options, grid, memory_row = METHODS[row]
+    _, _, grid, memory_row = METHODS[row]
+    method, options = row_method(task, row)
     grid = grid[:2] if args.quick else grid
     validation = {}
     for lr in grid:

@@ -28,6 +28,7 @@ from _report import machine, table, write_json
 from compare import METHODS, TASKS
 from frontier import METHODS as FRONTIER_METHODS
 from frontier import TASKS as FRONTIER_TASKS
+from frontier import row_method
 
 from restuning.data.shipped import SHIPPED
 from restuning.errors import RestuningError
@@ -85,9 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds over all methods; medians reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     args = parser.parse_args()
-    # Row -> (registered method, its options).
-    choices = ({"full": ("full", {}), **{row: m[:2] for row, m in FRONTIER_METHODS.items()}} if args.frontier
-               else {m: (m, {}) for m in METHODS})
+    choices = ["full", *FRONTIER_METHODS] if args.frontier else list(METHODS)  # rows
     tasks = FRONTIER_TASKS if args.frontier else TASKS
     args.tasks = args.tasks or list(tasks)
     args.methods = args.methods or list(choices)
@@ -99,7 +98,7 @@ def main() -> None:
         inputs, labels, classes = _inputs(task, backbones[args.dtypes[0]], tasks)
         cells: dict[tuple[str, str, bool], tuple[Callable[[], None], int]] = {}
         for row in ["full", *[m for m in args.methods if m != "full"]]:
-            method, options = choices[row]
+            method, options = row_method(task, row) if args.frontier and row != "full" else (row, {})
             entry = get_method(method)
             cacheable = entry.reads_frozen_backbone and getattr(entry.read_options(options, classes),
                                                                 "shares_forward", True)
