@@ -135,10 +135,10 @@ def main() -> None:
             (r["row"], f"{r['trainable_params']:,d}", f"{r['cpu_ms_median']:.1f}", f"{r['wall_ms_median']:.1f}",
              f"{r['ratio_to_full']:.3f}") for r in rows if r["task"] == task])
         del cells, backbones
-    meta = {**machine(), "batch": BATCH, "repeats": args.repeats, "warmup": args.warmup,
-            "threads": torch.get_num_threads(), "timing": "process CPU time per optimizer step, median of the "
-            "interleaved rounds; ratio_to_full divides by full fine-tuning's median in the same run"}
-    write_json(args.json, {"meta": meta, "rows": rows})
+        meta = {**machine(), "batch": BATCH, "repeats": args.repeats, "warmup": args.warmup,
+                "threads": torch.get_num_threads(), "timing": "process CPU time per optimizer step, median of the "
+                "interleaved rounds; ratio_to_full divides by full fine-tuning's median in the same run"}
+        write_json(args.json, {"meta": meta, "rows": rows})  # after each task: what is done survives a stop
 
 
 if __name__ == "__main__":

@@ -259,3 +259,16 @@ def test_reinjection_refuses_what_it_cannot_do():
         _model("resnet", 3, reinject=1)
     with pytest.raises(ConfigError, match="reinject"):
         BypassConfig.from_dict({"reinject": -1})
+
+
+@pytest.mark.parametrize("model_name", sorted(CNN_CASES))
+def test_pooling_on_feature_maps_averages_every_position_and_refuses_one_token_readouts(model_name):
+    inputs = MODELS[model_name].inputs()
+    with torch.no_grad():
+        mean = _model(model_name, 3, pooling="mean")(**inputs)
+        avg = _model(model_name, 3, pooling="avg")(**inputs)
+    assert mean.shape == (2, 3)
+    torch.testing.assert_close(mean, avg, atol=1e-6, rtol=0)
+    for pooling in ("cls", "last"):
+        with pytest.raises(ConfigError, match=f"pooling: '{pooling}' reads one token.*feature maps"):
+            _model(model_name, 3, pooling=pooling)

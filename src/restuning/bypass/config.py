@@ -33,7 +33,8 @@ class BypassConfig(ConfigBase):
     num_classes: int | None = option(None, ge=1, help="adds a linear head: the model returns logits (batch, "
                                      "num_classes); null: the pooled final bypass state (batch, width); a run sets it "
                                      "from its data")
-    pooling: str = option("auto", choices=POOLINGS, help="`cls` (first token), `mean` (over the attention mask), "
+    pooling: str = option("auto", choices=POOLINGS, help="`cls` (first token), `mean` (over the attention mask; "
+                          "over every position of a feature map), "
                           "`avg` (spatial mean of a feature map), `last` (the last non-padding token by the "
                           "attention mask, whichever side pads: a decoder's summary), `attention` (a learned query "
                           "attends over the final state's tokens; the mean at init), or `auto`: `avg` for CNNs, "

@@ -273,7 +273,7 @@ def pool(b: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) 
         return b.flatten(1, -2).mean(1)
     if how == "mean":
         if attention_mask is None:
-            return b.mean(1)
+            return b.flatten(1, -2).mean(1)  # a map's positions, or the tokens
         weights = attention_mask.to(b.dtype).unsqueeze(-1)
         return (b * weights).sum(1) / weights.sum(1).clamp_min(1)
     if how == "last":

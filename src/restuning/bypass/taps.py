@@ -74,7 +74,11 @@ def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
                 and n.startswith(prefix)]
         norm = hits[0] if hits else None
     grid, causal = token_layout(root)
-    return TapPlan(tuple(points), (first, *outs), layout, _pooling(root, config.pooling, layout, family), norm,
+    pooling = _pooling(root, config.pooling, layout, family)
+    if layout == "map" and pooling in ("cls", "last"):
+        raise ConfigError(f"pooling: {pooling!r} reads one token, and this backbone's layers are feature maps, "
+                          f"which have none; use avg (or mean, the same on maps) or attention")
+    return TapPlan(tuple(points), (first, *outs), layout, pooling, norm,
                    bool(family and family.norm_after_pool), config.tower or "", grid or layout == "map", causal)
 
 
