@@ -195,30 +195,59 @@ def test_reinjection_starts_as_the_bypass_trains_through_the_last_blocks_and_sav
     model.save_pretrained(tmp_path / "reinject")
     restored = ResTuningBypassModel.from_pretrained(case.model(depth=k + 1), tmp_path / "reinject")
     torch.testing.assert_close(restored(**inputs), model(**inputs), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="live backbone forward .* not on features tapped earlier"):
+    with pytest.raises(ValueError, match=r"live backbone forward, model\(\*\*inputs\), not on features"):
         model(features=model.features(**inputs), attention_mask=inputs.get("attention_mask"))
     with pytest.raises(ConfigError, match="re-injects .* run it on its own"):
         MultiTaskBypass(case.model(depth=k + 1), {"reinject": tmp_path / "reinject"})
 
 
-def test_reinjection_changes_the_last_blocks_inputs_once_its_gates_open():
-    case = MODELS["vit"]
+@pytest.mark.parametrize("model_name", ["vit", "bert", "llama", "gpt2"])
+def test_reinjection_runs_each_block_again_on_the_gated_state_and_chains_the_rerun_outputs(model_name):
+    """Depth 3, k = 2: block 1 runs again on z_1 = x_1 + s_1 (b_1 - x_1), its output x'_2 feeds the bypass
+    step b_2, and block 2 runs again on z_2 = x'_2 + s_2 (b_2 - x'_2), as computed here by hand."""
+    case = MODELS[model_name]
     inputs = case.inputs()
-    model = _model("vit", 3, reinject=1)
+    model = _model(model_name, 3, depth=3, reinject=2)
+    net = model.task.bypass
+    blocks = [model.base_model.get_submodule(p) for p in model.plan.points]
     with torch.no_grad():
-        model.task.bypass.vertical[0].residual.tuner.up.weight.normal_()  # b_0 != x_0, so b_1 != x_1
+        for step in net.vertical:  # b_l != x_l
+            step.residual.tuner.up.weight.normal_()
         closed = model(**inputs)
-        model.task.bypass.reinject_gates.fill_(1.0)  # the last block reads b_1 instead of x_1
+        net.reinject_gates.copy_(torch.tensor([0.7, 0.4]))
         opened = model(**inputs)
-        x = model.features(**inputs)
-        b1 = model.task.bypass._step(0, model.task.bypass.theta, x[0], x[1])
-        seen = []
-        hook = model.base_model.get_submodule(model.plan.points[-1]).register_forward_pre_hook(
-            lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [b.register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen.__setitem__(i, (a[0] if a else kw["hidden_states"]).clone()),
+            with_kwargs=True) for i, b in enumerate(blocks)]
         model(**inputs)
-        hook.remove()
+        for h in hooks:
+            h.remove()
+        x = model.features(**inputs)
+        b1 = net._step(0, net.theta, x[0], x[1])
+        z1 = x[1] + 0.7 * (b1 - x[1])
+        seen_z1 = seen[1]  # the last call of block 1 is the re-run
+        features, calls = model.features_and_calls(**inputs)
+        x2 = calls(model.plan.points[1], z1)
+        b2 = net._step(1, net.theta, b1, x2)
+        z2 = x2 + 0.4 * (b2 - x2)
     assert (opened - closed).abs().max() > 1e-3
-    torch.testing.assert_close(seen[-1], b1, atol=1e-6, rtol=0)  # the second run of the block is on b_1
+    torch.testing.assert_close(seen_z1, z1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen[2], z2, atol=1e-5, rtol=0)
+
+
+def test_reinjection_refuses_taps_that_are_not_consecutive_blocks_and_feature_caches():
+    case = MODELS["vit"]
+    for taps in (["layers.0", "layers.2"], ["layers.0", "layers.1.mlp"]):
+        model = restuning.get_restuning_model(case.model(depth=3), BypassConfig(num_classes=3, taps=taps,
+                                                                               reinject=1))
+        with pytest.raises(ConfigError, match="re-run taps must be consecutive whole blocks"):
+            model(**case.inputs())
+    model = _model("vit", 3, depth=3, reinject=1)
+    with pytest.raises(ConfigError, match="trains on a live backbone forward"):
+        restuning.FeatureCache().get(model, case.inputs())
+    with pytest.raises(ConfigError, match="compile_task: a re-injecting task"):
+        model.compile_task()
 
 
 @pytest.mark.parametrize("model_name", ["vit", "bert"])

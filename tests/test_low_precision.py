@@ -129,8 +129,14 @@ def test_a_reinjecting_bypass_runs_its_blocks_again_in_the_backbone_dtype_and_tr
         return model
 
     exact, model = build("float32"), build(dtype)
+    last = model.base_model.get_submodule(model.plan.points[-1])
+    dtypes = []
+    hook = last.register_forward_pre_hook(
+        lambda m, a, kw: dtypes.append((a[0] if a else kw["hidden_states"]).dtype), with_kwargs=True)
     logits = model(**case.inputs())
+    hook.remove()
     assert logits.dtype == torch.float32
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # the frozen run and the re-run, both in the backbone's
     error = ((logits - exact(**case.inputs())).norm() / exact(**case.inputs()).norm()).item()
     assert error < (0.05 if dtype == "bfloat16" else 0.15), error  # as the frozen-backbone methods' bounds
     before = _plain_state(model.base_model)

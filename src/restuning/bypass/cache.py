@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..precision import backbone_dtype, is_quantized
 from . import shards
 from .model import FrozenBackbone
@@ -82,6 +83,9 @@ class FeatureCache:
     def get(self, model: FrozenBackbone, inputs: Inputs, batch_size: int = 64) -> CachedFeatures | ShardedFeatures:
         """Features of `inputs` (a tensor passed positionally, or a mapping of keyword tensors, each
         (N, ...)) as `model` taps them; computed in batches of `batch_size` only when not stored."""
+        if not getattr(model, "cacheable", True):
+            raise ConfigError("this bypass re-injects its state into the backbone's last blocks (reinject), so it "
+                              "trains on a live backbone forward; features tapped once cannot feed it")
         key = fingerprint(model, inputs)
         if self._memory is not None and self._memory.fingerprint == key:
             self.status = "memory"

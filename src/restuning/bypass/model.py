@@ -87,7 +87,8 @@ class FrozenBackbone(ParameterReport, nn.Module):
     def _retap(self, needed: int, first_token_only: bool) -> None:
         if len(self.taps.points) != needed or self.taps.first_token_only != first_token_only:
             self.taps.detach()
-            self.taps = FeatureTaps(self.base_model, self.plan.points[:needed], first_token_only).attach()
+            self.taps = FeatureTaps(self.base_model, self.plan.points[:needed], first_token_only,
+                                    calls=self.taps.calls).attach()
 
     def unload(self) -> nn.Module:
         """Remove the taps and restore requires_grad; return the pristine backbone."""
@@ -133,6 +134,9 @@ class ResTuningBypassModel(FrozenBackbone):
 
     def forward(self, *args: Any, features: list[torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
         if features is None and self.task.reinjected:  # the last blocks run again on the bypass state
+            if kwargs.get("past_key_values") is not None:
+                raise ConfigError("reinject runs the last blocks again on this call's tokens alone; it cannot "
+                                  "continue a key/value cache (past_key_values)")
             features, calls = self.features_and_calls(*args, **kwargs)
             return self._task_call()(features, kwargs.get("attention_mask"), self.final_norm, blocks=calls)
         return super().forward(*args, features=features, **kwargs)
@@ -170,6 +174,9 @@ class ResTuningBypassModel(FrozenBackbone):
         """From now on run the task through `torch.compile(task, **options)` (`enabled=False`: eagerly again).
         Where compiling fails, at once or at a later call, the task runs eagerly with a warning
         (`CompiledTask.failure` says why). Parameters and checkpoints are unchanged."""
+        if enabled and self.task.reinjected:
+            raise ConfigError("compile_task: a re-injecting task (reinject) calls the backbone's blocks from inside "
+                              "it, on the arguments of each call; run it eagerly")
         self._compiled = CompiledTask(self.task, **options) if enabled else None
         return self._compiled
 

@@ -103,9 +103,10 @@ class BypassNetwork(nn.Module):
         dtype: each `x_l` is cast to the bypass's dtype inside its step, so a low-precision backbone's features
         are not copied to float32 all at once (under `recompute`, backward keeps the low-precision `x_l`).
         Returns b_L. `recompute`: recompute each step in backward (None: the config's `recompute`).
-        `rerun(l, z)`: layer l's frozen block on the hidden state z (B, T, D), with autograd; needed, and
-        then used for the last `reinject` layers, whose `x_l` it recomputes from `z = x_{l-1} + s (b_{l-1} -
-        x_{l-1})`."""
+        `rerun(i, z)`: the frozen block of step i (0-based; it made `x_{i+1}`) on the hidden state z (B, T, D),
+        with autograd through its activations (kept for backward whatever `recompute` says); needed, and then
+        used, for the last `reinject` steps, whose `x_{i+1}` it recomputes from `z = x_i + s (b_i - x_i)`
+        (`x_i` the frozen or re-run input's source, `s` a learned gate, unbounded, zero at init)."""
         mixing = self.mixing
         recompute = self.recompute if recompute is None else recompute
         recompute = recompute and torch.is_grad_enabled() and mixing.requires_grad
@@ -113,7 +114,8 @@ class BypassNetwork(nn.Module):
             return self._weighted(features[1:], recompute)
         if self.reinject and rerun is None:
             raise ValueError(f"this bypass re-injects its state into the last {self.reinject} blocks, so it runs on "
-                             f"a live backbone forward (rerun), not on features tapped earlier (a feature cache)")
+                             f"a live backbone forward, model(**inputs), not on features tapped earlier (features=, "
+                             f"a feature cache)")
         b = features[0].to(mixing.dtype)
         first_rerun = len(features) - 1 - self.reinject
         x_prev = features[first_rerun]

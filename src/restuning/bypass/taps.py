@@ -161,9 +161,21 @@ class FeatureTaps:
             self._record[""] = self._keep(first_input(args, kwargs))
 
     def _call_hook(self, name: str):
+        before = self.points[self.points.index(name) - 1] if self.points.index(name) else ""
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._record is not None:
-                self._record["call:" + name] = (args, kwargs)
+            if self._record is None:
+                return
+            x, previous = first_input(args, kwargs), self._record.get(before)
+            if previous is None or not (x is previous or (x.shape == previous.shape and torch.equal(x, previous))):
+                raise ConfigError(f"reinject runs {name!r} again on the bypass state of the tap before it, but its "
+                                  f"input is not {before or 'the first tap'!r}'s output: the re-run taps must be "
+                                  f"consecutive whole blocks (taps: {list(self.points)})")
+            # A decoder's key/value cache holds this forward's keys: the second run must not append to it, and
+            # it need not stay alive until then.
+            args = tuple(None if _is_cache(a) else a for a in args)
+            kwargs = {k: (None if _is_cache(v) else False if k == "use_cache" else v) for k, v in kwargs.items()}
+            self._record["call:" + name] = (args, kwargs)
 
         return hook
 
@@ -220,17 +232,14 @@ class BlockCalls:
         self.model, self.calls = model, calls
 
     def __call__(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
-        """Block `name` on `hidden` (the shape of its recorded input; any floating dtype, run in the block's
-        own, returned in `hidden`'s): its output tensor."""
+        """Block `name` on `hidden` (the shape of its recorded input, any floating dtype): its output tensor, in
+        the block's own dtype (a low-precision backbone's re-run `x_l` is kept for backward in it)."""
         args, kwargs = self.calls[name]
-        # A decoder's key/value cache already holds this forward's keys: the second run must not append to it.
-        args = tuple(None if _is_cache(a) else a for a in args)
-        kwargs = {k: (None if _is_cache(v) else False if k == "use_cache" else v) for k, v in kwargs.items()}
         block = self.model.get_submodule(name)
         dtype = compute_dtype(block)
         x = hidden if dtype is None else hidden.to(dtype)
         if args:
             args = (x, *args[1:])
-        else:
+        else:  # `first_input` found it there when the call was recorded
             kwargs = {**kwargs, "hidden_states": x}
-        return output_tensor(block(*args, **kwargs)).to(hidden.dtype)
+        return output_tensor(block(*args, **kwargs))
