@@ -20,8 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _report import write_json  # noqa: E402
-from frontier import TASKS, print_rows  # noqa: E402
+from frontier import METHODS, TASKS, print_rows  # noqa: E402
 
+DIVERGED_STD = 10.0  # points: a row whose seeds spread more than this had a seed diverge
 MEMORY_EFFICIENT = ("side_tuning", "lst", "dtl", "dtl_plus")  # the baselines the bypass is measured against
 
 
@@ -31,6 +32,8 @@ def merge(paths: list[Path], memory: dict[str, float], steps: dict[tuple[str, st
         for row in json.loads(path.read_text())["rows"]:
             rows[(row["task"], row["method"])] = {**row, "source": str(path)}
     for key, row in rows.items():
+        if row.get("memory_row") is None and row["method"] in METHODS:  # rows written before the row had one
+            row["memory_row"] = METHODS[row["method"]][3]
         if row.get("memory_row") in memory:
             row["memory_ratio_to_full"] = memory[row["memory_row"]]
         if key in steps:
@@ -68,6 +71,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     for ax, task in zip(axes[0], tasks, strict=True):
         for r in rows:
             if r["task"] != task or "error" in r or not r.get("memory_ratio_to_full"):
+                continue
+            if r["accuracy_std"] > DIVERGED_STD:  # a diverged seed: the table has it, the plot would lose its scale
+                print(f"not plotted: {task} {r['method']} ({r['accuracy_mean']:.1f} +- {r['accuracy_std']:.1f})")
                 continue
             colour = "tab:red" if r["method"].startswith("bypass") else (
                 "tab:blue" if r["method"] in MEMORY_EFFICIENT else "tab:grey")
