@@ -3,7 +3,8 @@ same task and method replaces an earlier one), fill each row's memory ratio from
 files and its step-time ratio from benchmarks/step_time.py --frontier's, print the table, and plot accuracy
 against ViT-B/16 training memory, one panel per task.
 
-    python benchmarks/frontier_report.py docs/frontier_*.json --memory-json docs/memory.json \\
+    python benchmarks/frontier_report.py docs/frontier_tweets.json docs/frontier_mnist.json ... \\
+        --memory-json docs/memory.json \\
         docs/memory_frontier_variants.json --step-time-json docs/step_time_frontier.json \\
         --json docs/frontier.json --plot docs/frontier.png
 """
