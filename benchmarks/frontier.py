@@ -121,9 +121,7 @@ def measure(task: str, row: str, args: argparse.Namespace) -> dict[str, Any]:
         result["trainable_params"] = last["trainable_params"]
     result["memory_row"] = memory_row
     result["memory_ratio_to_full"] = args.memory.get(memory_row) if memory_row else None
-    entry = get_method(method)
-    result["one_forward_serves_many_tasks"] = entry.multi_task and getattr(
-        entry.read_options(options, None), "shares_forward", True)
+    result["one_forward_serves_many_tasks"] = get_method(method).serves_many(options)
     return result
 
 

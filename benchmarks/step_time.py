@@ -49,10 +49,12 @@ def _inputs(task: str, backbone, tasks: dict = TASKS) -> tuple[dict[str, torch.T
 
 
 def _step(method: str, options: dict, backbone, inputs: dict, labels: torch.Tensor, classes: int, cached: bool
-          ) -> tuple[Callable[[], None], int]:
+          ) -> tuple[Callable[[], None], int] | None:
     """A closure running one optimizer step of `method` (with `options`) on its own copy of the backbone;
-    trainable params."""
+    trainable params. None for `cached` where the model cannot train from a feature cache."""
     model = build_classifier(method, copy.deepcopy(backbone.model), classes, options)
+    if cached and not getattr(model, "cacheable", True):
+        return None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=1e-3, weight_decay=0.05)
@@ -100,17 +102,17 @@ def main() -> None:
         for row in ["full", *[m for m in args.methods if m != "full"]]:
             method, options = row_method(task, row) if args.frontier and row != "full" else (row, {})
             entry = get_method(method)
-            cacheable = entry.reads_frozen_backbone and getattr(entry.read_options(options, classes),
-                                                                "shares_forward", True)
             for dtype in args.dtypes:
                 if dtype != "float32" and not entry.low_precision:
                     continue
-                for cached in ([True, False] if cacheable else [False]):
+                for cached in ([True, False] if entry.reads_frozen_backbone else [False]):
                     try:
-                        cells[(row, dtype, cached)] = _step(method, options, backbones[dtype], inputs, labels,
-                                                            classes, cached)
+                        cell = _step(method, options, backbones[dtype], inputs, labels, classes, cached)
                     except (RestuningError, RuntimeError) as err:  # a side network on a CNN, say
                         print(f"{task} {row}: not run ({str(err)[:100]})")
+                        continue
+                    if cell is not None:
+                        cells[(row, dtype, cached)] = cell
         times: dict[tuple[str, str, bool], list[float]] = {key: [] for key in cells}
         walls: dict[tuple[str, str, bool], list[float]] = {key: [] for key in cells}
         for round_ in range(args.warmup + args.repeats):  # interleaved: each round steps every method once

@@ -44,6 +44,11 @@ class FrozenBackbone(ParameterReport, nn.Module):
         self.taps = FeatureTaps(model, plan.points[:needed], first_token_only, calls=calls).attach()
 
     @property
+    def runner(self) -> nn.Module:
+        """What the backbone is called through: the plan's tower, or the model itself."""
+        return self.base_model.get_submodule(self.plan.call) if self.plan.call else self.base_model
+
+    @property
     def final_norm(self) -> nn.Module | None:
         return self.base_model.get_submodule(self.plan.final_norm) if self.plan.final_norm else None
 
@@ -72,7 +77,7 @@ class FrozenBackbone(ParameterReport, nn.Module):
     def features(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """One backbone forward without autograd (through the plan's tower, where it names one): [x_0, x_1, ...]
         as tapped (channels-first for CNNs)."""
-        runner = self.base_model.get_submodule(self.plan.call) if self.plan.call else self.base_model
+        runner = self.runner
         chunks = _chunks(args, kwargs, self.backbone_batch)
         if chunks is None:
             return self.taps(lambda: runner(*args, **kwargs))
@@ -81,7 +86,7 @@ class FrozenBackbone(ParameterReport, nn.Module):
 
     def features_and_calls(self, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], BlockCalls]:
         """As `features` (in one piece), and the recorded calls of the taps' `calls` blocks."""
-        runner = self.base_model.get_submodule(self.plan.call) if self.plan.call else self.base_model
+        runner = self.runner
         return self.taps.with_calls(lambda: runner(*args, **kwargs))
 
     def _retap(self, needed: int, first_token_only: bool) -> None:

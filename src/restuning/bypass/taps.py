@@ -161,7 +161,8 @@ class FeatureTaps:
             self._record[""] = self._keep(first_input(args, kwargs))
 
     def _call_hook(self, name: str):
-        before = self.points[self.points.index(name) - 1] if self.points.index(name) else ""
+        at = self.points.index(name)
+        before = self.points[at - 1] if at else ""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._record is None:

@@ -33,10 +33,11 @@ class Method:
             called as the backbone is (a diffusion denoiser).
         options: the options dataclass `method.config` is read into; None: the method takes no options.
         tasks: the run kinds it serves (`classification`, `diffusion`).
-        reads_frozen_backbone: it never back-propagates into the backbone (a `FrozenBackbone` model), so it
-            can train from the feature cache and one backbone forward can serve many of its runs.
+        reads_frozen_backbone: it never back-propagates into the backbone's weights (a `FrozenBackbone` model),
+            so it can train from the feature cache, unless its model says otherwise (`cacheable`).
         multi_task: its runs on one backbone join one multi-task model that answers them all from a single
-            backbone forward (`MultiTaskBypass`), at prediction and generation.
+            backbone forward (`MultiTaskBypass`), at prediction and generation, unless their options say
+            otherwise (`shares_forward`; see `serves_many`).
         trains_backbone: it trains the backbone's own parameters (full fine-tuning, BitFit), some of which the
             loss may not reach (DDP's find_unused_parameters).
         low_precision: its backbone may be held in bfloat16 or int8 (`backbone_dtype`): it trains none of the
@@ -63,6 +64,10 @@ class Method:
     load: Callable[..., nn.Module] | None = None
     checkpoint_names: tuple[str, ...] = ()
     summary: str = ""
+
+    def serves_many(self, config: dict[str, Any]) -> bool:
+        """Whether a run of this method with `config` (its `method.config`) joins the one multi-task forward."""
+        return self.multi_task and getattr(self.read_options(config, None), "shares_forward", True)
 
     def read_options(self, config: dict[str, Any], num_classes: int | None = None, task: str = "classification",
                      where: str = "method.config") -> Any:

@@ -105,9 +105,7 @@ class TaskTable:
                               f"this table serves {self.backbone_name!r}")
         self._check_size(name, run)
         self._check_dtype(name, run)
-        method = get_method(run.config.method.name)
-        options = method.read_options(run.config.method.config, None)
-        shared = self.share_forward and method.multi_task and getattr(options, "shares_forward", True)
+        shared = self.share_forward and get_method(run.config.method.name).serves_many(run.config.method.config)
         task = Task(name, run, shared)
         if shared:
             if self.multi is None:
