@@ -3,6 +3,8 @@ bypass trained from cached features does not recompute, and `torch.compile` of t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import CASES
@@ -151,3 +153,67 @@ def test_a_compiled_task_equals_the_eager_one():
     torch.testing.assert_close(out, eager, **TOL)
     for a, b in zip(torch.autograd.grad(out.sum(), list(model.task.parameters())), grads, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+# The fused bypass step (restuning/bypass/fused.py) against the plain step it replaces.
+
+
+def _networks(dtype: torch.dtype, **config):
+    from restuning.bypass.network import BypassNetwork
+
+    torch.manual_seed(0)
+    fused = BypassNetwork([16] * 5, BypassConfig(**config), "tokens").to(dtype)
+    for p in fused.parameters():  # away from the zero init, so every term of the step counts
+        torch.nn.init.normal_(p, std=0.3)
+    plain = copy.deepcopy(fused)
+    plain.fused = [False] * len(plain.fused)
+    return fused, plain
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, dict(atol=1e-12, rtol=1e-12)),
+                                        (torch.float32, dict(atol=1e-5, rtol=1e-5))])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_fused_step_equals_the_plain_step_forward_and_backward(dtype, tol, recompute):
+    fused, plain = _networks(dtype, horizontal={"name": "res_adapter", "dim": 3},
+                             vertical={"name": "res_adapter", "dim": 5})
+    assert all(fused.fused)
+    features = [torch.randn(2, 7, 16, dtype=dtype) for _ in range(5)]
+    features[0].requires_grad_()  # b_0's gradient goes through every V_l
+    features[3].requires_grad_()  # as a block run again on the bypass state (`reinject`) makes x_l
+    results = []
+    for net in (fused, plain):
+        features[0].grad = features[3].grad = None
+        out = net(features, recompute=recompute)
+        (out * torch.linspace(-1, 1, 16, dtype=dtype)).sum().backward()
+        results.append((out, [features[0].grad, features[3].grad], {n: p.grad for n, p in net.named_parameters()}))
+    (out_f, grad_f, params_f), (out_p, grad_p, params_p) = results
+    torch.testing.assert_close(out_f, out_p, **tol)
+    torch.testing.assert_close(grad_f, grad_p, **tol)
+    assert grad_f[1].abs().sum() > 0
+    assert params_f.keys() == params_p.keys()
+    for name in params_f:
+        torch.testing.assert_close(params_f[name], params_p[name], **tol, msg=name)
+    if not recompute:  # (under recompute the step runs inside the checkpoint)
+        assert "_FusedStep" in type(out_f.grad_fn).__name__
+
+
+def test_the_fused_step_runs_only_where_its_rewrite_is_exact():
+    from restuning.bypass.fused import fusable
+
+    assert all(_networks(torch.float32)[0].fused)  # the default: Dual Res-Adapters
+    for config in (dict(vertical=None), dict(horizontal=None),
+                   dict(horizontal={"name": "res_adapter", "options": {"act": "relu"}}),
+                   dict(vertical={"name": "res_adapter", "options": {"scale": 0.5}}),
+                   dict(horizontal={"name": "res_adapter", "options": {"reads": "output"}}),
+                   dict(horizontal="lora")):
+        assert not any(_networks(torch.float32, **config)[0].fused), config
+    assert not fusable(None, None)
+
+
+def test_the_fused_step_keeps_the_bypass_state_trainable_under_autocast_by_falling_back():
+    fused, plain = _networks(torch.float32)
+    features = [torch.randn(2, 3, 16) for _ in range(5)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, out_p = fused(features, recompute=False), plain(features, recompute=False)
+    assert "_FusedStep" not in type(out_f.grad_fn).__name__
+    torch.testing.assert_close(out_f, out_p)

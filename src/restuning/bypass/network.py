@@ -20,6 +20,7 @@ from ..precision import run_frozen
 from ..spatial import resample
 from ..tuners import OpContext, ResTuner, build_tuner
 from .config import BypassConfig
+from .fused import fusable, fused_step
 from .taps import TapPlan, is_unet, plan_taps
 
 
@@ -86,6 +87,9 @@ class BypassNetwork(nn.Module):
                                              config.dim, f"bypass vertical {i}"), layout)
             for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True))
         ) if config.combine == "gates" else nn.ModuleList()
+        # Steps that can run as `fused_step` (two plain Res-Adapters, no width projection).
+        self.fused = [v.project is None and fusable(h.tuner, v.residual.tuner)
+                      for h, v in zip(self.horizontal, self.vertical, strict=False)]
 
     @property
     def gates(self) -> torch.Tensor:
@@ -150,6 +154,8 @@ class BypassNetwork(nn.Module):
         return self.horizontal[i](x.to(logits.dtype))
 
     def _step(self, i: int, theta: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.fused[i] and b.shape == x.shape and not torch.is_autocast_enabled(x.device.type):
+            return fused_step(b, x.to(b.dtype), theta[i], self.horizontal[i].tuner, self.vertical[i].residual.tuner)
         h = self.horizontal[i](x.to(theta.dtype))
         v = self.vertical[i](b, like=x).to(h.dtype)  # under autocast a projection may change the dtype
         return torch.lerp(v, h, torch.sigmoid(theta[i]).to(h.dtype))  # (1 - lam) V + lam H
