@@ -18,8 +18,10 @@ peak is also given less what the interpreter and libraries hold before the model
     python benchmarks/diffusion_memory.py --backbone-dtype int8 --methods bypass --json out/dm_int8.json
 
 `--backbone-dtype bfloat16|int8` holds the frozen UNet of every method but `full` in that dtype
-(`backbone_dtype`: int8 is weight-only on its linear layers, convolutions bfloat16; it computes in
-bfloat16 without autocast), while `full` stays float32: the ratios are then to float32 full fine-tuning.
+(`backbone_dtype`: int8 is weight-only on its linear and convolution layers; it computes in bfloat16 without
+autocast), while `full` stays float32: the ratios are then to float32 full fine-tuning. Such a UNet is built
+held, module by module (`restuning.precision.build_held`, as `load_sd` loads one), so that no wider copy of it
+ever exists in the process.
 """
 
 from __future__ import annotations
@@ -66,15 +68,16 @@ def build(method: str, config: str, device: str, precision: str, backbone_dtype:
     from diffusers import UNet2DConditionModel
 
     from restuning.diffusion.train import build_denoiser, upcast_trainable
-    from restuning.precision import set_backbone_dtype
+    from restuning.precision import build_held
 
     torch.manual_seed(0)
-    low = backbone_dtype != "float32" and method != "full"
-    torch.set_default_dtype(torch.bfloat16 if (precision == "bf16" or low) and method != "full" else torch.float32)
-    unet = UNet2DConditionModel(**CONFIGS[config]["unet"]).to(device)
-    torch.set_default_dtype(torch.float32)
-    if low:
-        set_backbone_dtype(unet, backbone_dtype)
+    if backbone_dtype != "float32" and method != "full":  # built held, module by module, as load_sd loads it
+        unet = build_held(lambda: UNet2DConditionModel(**CONFIGS[config]["unet"]), backbone_dtype,
+                          lambda name, meta: torch.randn(meta.shape) * 0.02).to(device)
+    else:
+        torch.set_default_dtype(torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32)
+        unet = UNet2DConditionModel(**CONFIGS[config]["unet"]).to(device)
+        torch.set_default_dtype(torch.float32)
     return upcast_trainable(build_denoiser(method, unet, {}))  # the registry's defaults, as diffusion-train
 
 
@@ -95,9 +98,9 @@ def measure(method: str, config: str, batch: int, steps: int, device: str, preci
     from restuning.memory import SavedTensorMeter, state_bytes
     from restuning.train.optim import adamw
     if backbone_dtype == "int8":
-        from restuning.precision import _torchao
+        from restuning.int8 import import_torchao
 
-        _torchao()  # imported before the baseline RSS, as the other libraries
+        import_torchao()  # imported before the baseline RSS, as the other libraries
     import_rss = _rss()  # the interpreter, torch and the libraries: the same for every method
     model = build(method, config, device, precision, backbone_dtype)
     model.train()

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "restuning"
 # layer, and the packages listed as peers in PEERS; nothing else. `testing` (the reference forms the tests
 # check against) sits at the top and the library never imports it.
 CORE = ("errors", "config", "checkpoint", "hooks", "attention", "spatial", "params", "memory", "model", "ops",
-        "tuners", "assets", "adapters", "merging", "tasks", "card", "hub", "precision")
+        "tuners", "assets", "adapters", "merging", "tasks", "card", "hub", "precision", "int8")
 LAYERS = {**dict.fromkeys(CORE, 0), "data": 1, "bypass": 1, "hf_trainer": 1, "methods": 2, "baselines": 2, "train": 3,
           "diffusion": 4, "serve": 4, "demo": 5, "config_reference": 5, "__init__": 5, "cli": 6, "testing": 7}
 PEERS = {("methods", "baselines"), ("baselines", "methods")}  # baselines register themselves as methods

@@ -16,7 +16,14 @@ from restuning.bypass.cache import fingerprint
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from restuning.memory import SavedTensorMeter, state_bytes
 from restuning.methods import get_method, load_model, save_model
-from restuning.precision import backbone_dtype, is_quantized, plain_tensors, set_backbone_dtype
+from restuning.precision import (
+    MIN_CONV_CHANNELS,
+    backbone_dtype,
+    is_quantized,
+    plain_tensors,
+    set_backbone_dtype,
+    tensor_bytes,
+)
 from restuning.train.config import TrainConfig, from_dict
 from restuning.train.evaluate import evaluate_run
 from restuning.train.trainer import Trainer
@@ -51,6 +58,9 @@ def _assert_held_in(model: torch.nn.Module, dtype: str) -> None:
     assert floats and all(p.dtype == torch.bfloat16 for p in floats)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert all(is_quantized(m.weight) == (dtype == "int8") for m in linears)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(is_quantized(m.weight) == (dtype == "int8" and m.weight.shape[1] >= MIN_CONV_CHANNELS)
+               for m in convs)
 
 
 # --- the common checks: Res-Tuners on a low-precision backbone ---------------------------------------
@@ -236,6 +246,78 @@ def test_parameter_bytes_count_the_packed_int8_weights():
     assert sizes["int8"] < 0.75 * sizes["bfloat16"]
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_int8_convolutions_hold_a_quarter_of_float32_and_compute_close_to_bfloat16(groups):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1, groups=groups),
+                              torch.nn.Conv2d(64, 64, 3, padding=1, groups=64),  # depthwise: stays bfloat16
+                              torch.nn.Conv2d(64, 8, 1))
+    half = set_backbone_dtype(_copy(net), "bfloat16")
+    held = set_backbone_dtype(_copy(net), "int8")
+    first, depthwise, last = held
+    assert is_quantized(first.weight) and is_quantized(last.weight) and not is_quantized(depthwise.weight)
+    assert tensor_bytes(first.weight) < 0.3 * first.weight.numel() * 4
+    x = torch.randn(2, 32, 8, 8)
+    x16 = x.clone().requires_grad_(True)
+    x8 = x.clone().requires_grad_(True)
+    y16, y8 = half(x16), held(x8)
+    assert y8.dtype == torch.bfloat16
+    assert (y8 - y16).float().norm() < 0.03 * y16.float().norm()
+    g = torch.randn(y16.shape)
+    y16.backward(g.to(y16.dtype))
+    y8.backward(g.to(y8.dtype))
+    assert (x8.grad - x16.grad).norm() < 0.03 * x16.grad.norm()  # gradients reach the input through int8 weights
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv", "conv_in_slices"])
+def test_backpropagating_through_an_int8_layer_saves_nothing_and_matches_its_dequantized_weight(layer, monkeypatch):
+    import restuning.int8
+
+    if layer == "conv_in_slices":  # a convolution too large to dequantize at once: 5 slices of 10 output channels
+        monkeypatch.setattr(restuning.int8, "DEQUANTIZE_CHUNK", 10 * 32 * 9)
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(32, 48) if layer == "linear" else torch.nn.Conv2d(32, 48, 3, padding=1, stride=2)
+    held = set_backbone_dtype(torch.nn.Sequential(_copy(plain)), "int8")[0]
+    assert isinstance(held, type(plain)) and is_quantized(held.weight)
+    reference = set_backbone_dtype(torch.nn.Sequential(_copy(plain)), "bfloat16")[0]
+    with torch.no_grad():
+        reference.weight.copy_(held.weight.dequantize())  # the same numbers, in a plain bfloat16 layer
+    x = torch.randn((2, 5, 32) if layer == "linear" else (2, 32, 9, 9), dtype=torch.bfloat16)
+    x8, x16 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with SavedTensorMeter() as meter:
+        y8 = held(x8)
+    assert meter.bytes == 0  # no dequantized weight, not even the input (the weight is frozen)
+    y16 = reference(x16)
+    torch.testing.assert_close(y8, y16, rtol=1e-2, atol=1e-2)
+    g = torch.randn(y16.shape, dtype=torch.bfloat16)
+    y8.backward(g)
+    y16.backward(g)
+    torch.testing.assert_close(x8.grad, x16.grad, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # no autograd: the plain product
+        torch.testing.assert_close(held(x), y8.detach(), rtol=0, atol=0)
+
+
+def test_res_tuning_on_an_int8_backbone_saves_what_it_saves_on_a_bfloat16_one():
+    case = CASES["vit"]
+
+    def saved(dtype: str) -> int:
+        torch.manual_seed(0)
+        model = ResTuningModel(_held(dtype, case), ResTuningConfig())
+        with SavedTensorMeter(model.parameters()) as meter:
+            out = model(**case.inputs())
+        (out if isinstance(out, torch.Tensor) else out.last_hidden_state).float().sum().backward()
+        return meter.bytes
+
+    # A frozen bfloat16 weight is kept for backward without a copy; an int8 one is dequantized again there.
+    assert saved("int8") == saved("bfloat16") > 0
+
+
+def _copy(net: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(net)
+
+
 # --- configs and errors -------------------------------------------------------------------------------
 def test_bad_backbone_dtypes_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"backbone_dtype: expected one of \['float32', 'bfloat16', 'int8'\]"):
@@ -380,3 +462,47 @@ def test_a_diffusion_run_on_an_int8_unet_trains_and_reopens_on_an_int8_unet(tmp_
     assert all(torch.equal(after[k], before[k]) for k in before), "the frozen UNet changed"
     reopened, denoiser, _ = load_run(config["output_dir"])
     _assert_held_in(reopened.unet, "int8")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_stable_diffusion_unet_loads_held_module_by_module_as_converting_it_after_loading_would_hold_it(
+        tmp_path, dtype):
+    from restuning.diffusion.pipeline import load_sd, save_sd, tiny_pipeline
+
+    components = tiny_pipeline(0)
+    save_sd(components, tmp_path / "sd")
+    held = load_sd(tmp_path / "sd", max_length=components.max_length, unet_dtype=dtype).unet
+    converted = set_backbone_dtype(tiny_pipeline(0).unet, dtype)
+    _assert_held_in(held, dtype)
+    if dtype == "int8":
+        assert any(is_quantized(m.weight) for m in held.modules() if isinstance(m, torch.nn.Conv2d))
+    assert _plain_state(held).keys() == _plain_state(converted).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_plain_state(held).values(), _plain_state(converted).values()))
+    g = torch.Generator().manual_seed(0)
+    batch = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([10]),
+                 encoder_hidden_states=torch.randn(1, 5, components.unet.config.cross_attention_dim, generator=g))
+    with torch.no_grad():
+        torch.testing.assert_close(held(**batch).sample, converted(**batch).sample, atol=0, rtol=0)
+
+
+def test_a_safetensors_file_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from restuning.precision import SafetensorsWeights, build_held
+
+    def build() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+    state = {k: v.contiguous() for k, v in build().state_dict().items()}
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "1.bias"}, r"has no tensor '1.bias'"),
+        "shape": ({**state, "0.weight": torch.zeros(4, 4)}, r"'0.weight' has shape \(4, 4\); the model's .* \(3, 4\)"),
+        "extra": ({**state, "2.weight": torch.zeros(1)}, r"1 tensors match no parameter of the model.*2.weight"),
+    }
+    for name, (tensors, message) in cases.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ConfigError, match=message):
+            build_held(build, "int8", SafetensorsWeights(tmp_path / f"{name}.safetensors"))
+    save_file(state, tmp_path / "good.safetensors")
+    model = build_held(build, "bfloat16", SafetensorsWeights(tmp_path / "good.safetensors"))
+    assert all(torch.equal(p, state[n].to(torch.bfloat16)) for n, p in model.named_parameters())

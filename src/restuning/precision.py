@@ -1,7 +1,7 @@
 """Frozen backbones held in low precision (`backbone_dtype`): `bfloat16`, or `int8` weight-only.
 
-QLoRA-style: the frozen backbone's weights are stored in bfloat16 (or its linear layers' weights in int8 with
-a bfloat16 scale per output channel, through torchao) and it computes in bfloat16; whatever trains (tuners,
+QLoRA-style: the frozen backbone's weights are stored in bfloat16 (or its linear and convolution weights in
+int8 with bfloat16 scales, through torchao) and it computes in bfloat16; whatever trains (tuners,
 the bypass, side networks, heads) and its optimizer state stay float32. Tensors cross between the two at the
 trainable modules' inputs (cast up) and outputs (cast back to the backbone's dtype), so gradients reach the
 tuners through the frozen, dequantized weights. Checkpoints hold only the float32 trainable tensors, whatever
@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .int8 import MIN_CONV_CHANNELS, int8_candidate, is_quantized, quantize_layer
 
 BACKBONE_DTYPES = ("float32", "bfloat16", "int8")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -29,7 +32,7 @@ def set_backbone_dtype(model: nn.Module, dtype: str) -> nn.Module:
     leaves it as it is.
 
     `bfloat16`: every floating parameter and buffer in bfloat16. `int8`: the same, then the weight of every
-    `nn.Linear` quantized to int8 weight-only (torchao's `Int8WeightOnlyConfig`; convolutions stay bfloat16).
+    `nn.Linear` and `nn.Conv2d` quantized to int8 weight-only (`quantize_int8`).
     Float32 inputs of the model's own forward (of two or more dimensions) are cast to bfloat16 by a pre-hook.
     Call it before a method attaches its tuners, which are then built in float32 (`trainable_dtype`)."""
     if dtype not in BACKBONE_DTYPES:
@@ -45,12 +48,76 @@ def set_backbone_dtype(model: nn.Module, dtype: str) -> nn.Module:
     model.requires_grad_(False)
     model.to(torch.bfloat16)
     if dtype == "int8":
-        quantize_linear_int8(model)
+        quantize_int8(model)
     release_freed_memory()
     if getattr(model, _MARK, None) is None:  # one input cast, also when bfloat16 goes on to int8
         model.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
     setattr(model, _MARK, dtype)
     return model
+
+
+def build_held(build: Callable[[], nn.Module], dtype: str,
+               weights: Callable[[str, torch.Tensor], torch.Tensor]) -> nn.Module:
+    """`build()` held in `dtype` (as `set_backbone_dtype`) without the process ever holding it wider: the model
+    is built with its parameters on the meta device (buffers real), then each module's own parameters are made
+    real one module at a time from `weights(name, meta_parameter)` (e.g. `SafetensorsWeights`), cast, and
+    quantized (int8) before the next. The conversion's peak is the held model's size plus one module, where
+    loading in float32 or bfloat16 and converting after would peak at the wider model (3.3 GB for SD v1.5's UNet
+    in float32, against 0.8 GB held in int8)."""
+    if dtype not in BACKBONE_DTYPES:
+        raise ConfigError(f"backbone_dtype: expected one of {list(BACKBONE_DTYPES)}, got {dtype!r}")
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = build()
+    held = torch.float32 if dtype == "float32" else torch.bfloat16
+    for i, (prefix, module) in enumerate(model.named_modules()):
+        for name, meta in list(module.named_parameters(recurse=False)):
+            value = weights(f"{prefix}.{name}" if prefix else name, meta)
+            value = value.to(held) if value.is_floating_point() else value
+            module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        if dtype == "int8" and int8_candidate(module):
+            quantize_layer(module)
+        if i % 16 == 15:
+            release_freed_memory()
+    for name, buffer in model.state_dict().items():  # persistent buffers the weights hold (parameters are taken)
+        if hasattr(weights, "__contains__") and name in weights:
+            buffer.copy_(weights(name, buffer))
+    if hasattr(weights, "finish"):
+        weights.finish()
+    return set_backbone_dtype(model, dtype)
+
+
+class SafetensorsWeights:
+    """`weights` for `build_held`: each tensor read from the safetensors file at `path` when asked for (memory-
+    mapped: one tensor at a time is resident), checked against the parameter it fills; `finish` refuses a file
+    with tensors the model did not take."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        self._file = safe_open(self.path, framework="pt")
+        self._unread = set(self._file.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._unread
+
+    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        if name not in self._unread:
+            raise ConfigError(f"{self.path}: has no tensor {name!r} for the model's parameter of shape "
+                              f"{tuple(like.shape)} (a checkpoint of another model?)")
+        value = self._file.get_tensor(name)
+        if value.shape != like.shape:
+            raise ConfigError(f"{self.path}: tensor {name!r} has shape {tuple(value.shape)}; the model's "
+                              f"parameter has {tuple(like.shape)}")
+        self._unread.discard(name)
+        return value
+
+    def finish(self) -> None:
+        if self._unread:
+            raise ConfigError(f"{self.path}: {len(self._unread)} tensors match no parameter of the model, e.g. "
+                              f"{sorted(self._unread)[:3]} (a checkpoint of another model?)")
 
 
 def release_freed_memory() -> None:
@@ -65,24 +132,15 @@ def release_freed_memory() -> None:
         pass
 
 
-def quantize_linear_int8(model: nn.Module) -> None:
-    """Every `nn.Linear` weight of `model` to int8 weight-only (torchao), in place, a few layers at a time with
-    the freed memory handed back between them (`release_freed_memory`), so that the conversion's own peak stays
-    near the model's size."""
-    quantize_, config = _torchao()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and not is_quantized(m.weight)]
-    for i, linear in enumerate(linears):
-        quantize_(linear, config())
+def quantize_int8(model: nn.Module) -> None:
+    """The weights of `model`'s linear and 2-d convolution layers to int8 weight-only (`int8.quantize_layer`), in
+    place; depthwise and few-channel convolutions stay bfloat16 (`int8.int8_candidate`). A few layers at a time,
+    with the freed memory handed back between them (`release_freed_memory`), so that the conversion's own peak
+    stays near the model's size."""
+    for i, layer in enumerate([m for m in model.modules() if int8_candidate(m)]):
+        quantize_layer(layer)
         if i % 8 == 7:
             release_freed_memory()
-
-
-def _torchao() -> tuple[Any, Any]:
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError as err:
-        raise ConfigError("backbone_dtype int8 needs torchao: pip install 'restuning[quant]'") from err
-    return quantize_, Int8WeightOnlyConfig
 
 
 class _ImportNoise(logging.Filter):
@@ -108,11 +166,6 @@ def backbone_dtype(model: nn.Module) -> str:
             return "int8"
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     return "bfloat16" if ref is not None and ref.dtype == torch.bfloat16 else "float32"
-
-
-def is_quantized(t: torch.Tensor) -> bool:
-    """A tensor subclass of packed low-bit data (torchao), not a plain tensor."""
-    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
 
 
 def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
@@ -173,5 +226,6 @@ def _cast_floats(value: Any) -> Any:
     return value
 
 
-__all__ = ["BACKBONE_DTYPES", "backbone_dtype", "compute_dtype", "in_dtype", "is_quantized", "plain_tensors",
-           "run_frozen", "set_backbone_dtype", "tensor_bytes", "trainable_dtype"]
+__all__ = ["BACKBONE_DTYPES", "MIN_CONV_CHANNELS", "SafetensorsWeights", "backbone_dtype", "build_held",
+           "compute_dtype", "in_dtype", "is_quantized", "plain_tensors", "run_frozen", "set_backbone_dtype",
+           "tensor_bytes", "trainable_dtype"]

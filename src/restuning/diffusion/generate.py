@@ -141,7 +141,11 @@ def load_multitask(run_dirs: Sequence[str | Path]) -> tuple[SDComponents, nn.Mod
     models = {c.model for c in configs}
     if len(models) != 1:
         raise ConfigError(f"multi-task generation needs runs on one base model, got {sorted(models)}")
-    components = load_components(models.pop())
+    dtypes = {c.backbone_dtype for c in configs}
+    if len(dtypes) != 1:
+        raise ConfigError(f"multi-task generation needs runs trained on a UNet held in one dtype, got "
+                          f"backbone_dtype {sorted(dtypes)}")
+    components = load_components(models.pop(), unet_dtype=dtypes.pop())
     names = [f"task{i}" for i in range(len(run_dirs))]
     tasks = {name: Path(run) / FINAL for name, run in zip(names, run_dirs)}
     return components, UNetMultiTaskBypass(components.unet, tasks).eval(), names

@@ -122,13 +122,16 @@ def pndm_scheduler(noise_scheduler):
     return PNDMScheduler(**betas, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
 
 
-def load_sd(folder: str | Path, dtype: torch.dtype = torch.float32, max_length: int | None = None) -> SDComponents:
+def load_sd(folder: str | Path, dtype: torch.dtype = torch.float32, max_length: int | None = None,
+            unet_dtype: str = "float32") -> SDComponents:
     """A Stable Diffusion v1.x model in the diffusers folder layout (`unet/`, `vae/`, `text_encoder/`,
     `tokenizer/`, `scheduler/`), e.g. a local copy of `runwayml/stable-diffusion-v1-5` (or that hub id when
-    online). The text encoder and tokenizer load through the Auto classes (CLIP for SD). The UNet stays
-    float32 for training; `dtype` applies to the frozen VAE and text encoder. `max_length`: tokens per prompt
-    (default: the tokenizer's, capped by the encoder's positions; 77 for SD)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    online). The text encoder and tokenizer load through the Auto classes (CLIP for SD). `dtype` applies to the
+    frozen VAE and text encoder; the UNet is held in `unet_dtype` (a `backbone_dtype`: float32 for training it;
+    bfloat16 or int8 for a frozen one, built held module by module from a local safetensors file, so that its
+    float32 weights are never all in memory). `max_length`: tokens per prompt (default: the tokenizer's, capped
+    by the encoder's positions; 77 for SD)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import AutoModel, AutoTokenizer
 
     source = str(folder)
@@ -142,7 +145,7 @@ def load_sd(folder: str | Path, dtype: torch.dtype = torch.float32, max_length: 
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
         text_encoder = AutoModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        unet = _load_unet(source, unet_dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
         if noise_scheduler.config.prediction_type != "epsilon":  # training and sampling predict the noise
             raise ConfigError(f"{source}: the scheduler predicts {noise_scheduler.config.prediction_type!r}; "
@@ -152,6 +155,19 @@ def load_sd(folder: str | Path, dtype: torch.dtype = torch.float32, max_length: 
     positions = getattr(text_encoder.config, "max_position_embeddings", tokenizer.model_max_length)
     length = max_length or min(tokenizer.model_max_length, positions)
     return SDComponents(unet, vae, text_encoder, tokenizer, noise_scheduler, length, source)
+
+
+def _load_unet(source: str, dtype: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    from ..precision import SafetensorsWeights, build_held, set_backbone_dtype
+
+    weights = Path(source) / "unet" / "diffusion_pytorch_model.safetensors"
+    if dtype != "float32" and weights.is_file():
+        config = UNet2DConditionModel.load_config(source, subfolder="unet")
+        return build_held(lambda: UNet2DConditionModel.from_config(config), dtype, SafetensorsWeights(weights))
+    low = torch.bfloat16 if dtype != "float32" else torch.float32  # a hub id, or sharded / .bin weights
+    return set_backbone_dtype(UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=low), dtype)
 
 
 def save_sd(components: SDComponents, folder: str | Path) -> None:
@@ -208,6 +224,13 @@ def tiny_pipeline(seed: int = 0, max_length: int = 16) -> SDComponents:
     return SDComponents(unet, vae, text_encoder, tokenizer, ddpm_scheduler(), max_length, TINY)
 
 
-def load_components(model: str, seed: int = 0) -> SDComponents:
-    """`tiny` (built in code from `seed`) or a Stable Diffusion folder / hub id."""
-    return tiny_pipeline(seed) if model == TINY else load_sd(model)
+def load_components(model: str, seed: int = 0, unet_dtype: str = "float32") -> SDComponents:
+    """`tiny` (built in code from `seed`) or a Stable Diffusion folder / hub id, its UNet held in `unet_dtype`
+    (a `backbone_dtype`)."""
+    if model != TINY:
+        return load_sd(model, unet_dtype=unet_dtype)
+    from ..precision import set_backbone_dtype
+
+    components = tiny_pipeline(seed)
+    set_backbone_dtype(components.unet, unet_dtype)
+    return components

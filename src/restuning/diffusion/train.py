@@ -104,8 +104,7 @@ def load_run(run_dir: str | Path) -> tuple[SDComponents, nn.Module, DiffusionTra
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: not a finished diffusion run (no {FINAL}/{RUN_CONFIG})")
     config = from_dict(DiffusionTrainConfig, json.loads(config_path.read_text()))
-    components = load_components(config.model)
-    set_backbone_dtype(components.unet, config.backbone_dtype)
+    components = load_components(config.model, unet_dtype=config.backbone_dtype)
     return components, load_model(components.unet, final), config
 
 
@@ -165,9 +164,9 @@ class DiffusionTrainer(TrainingLoop):
 
     def setup(self) -> None:
         config, method, o = self.config, self.method, self.config.optim
-        self.components = self.components or load_components(config.model)
+        self.components = self.components or load_components(config.model, unet_dtype=config.backbone_dtype)
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(o.mixed_precision)
-        if half is not None and not method.trains_backbone:
+        if half is not None and not method.trains_backbone and config.backbone_dtype == "float32":
             self.components.unet.to(dtype=half)  # frozen: stored in half precision, as the VAE and text encoder
         self.components.to(self.accelerator.device, half)  # cast before the move: no float32 copy on the device
         set_backbone_dtype(self.components.unet, config.backbone_dtype)

@@ -81,9 +81,9 @@ class DiffusionTrainConfig(ConfigBase):
                                   "as the paper), `bypass` or `peft_lora` (default: rank 4 on to_q, to_k, to_v, "
                                   "to_out.0 of every attention)")
     backbone_dtype: str = option("float32", choices=BACKBONE_DTYPES, help="how the frozen UNet is held: `float32`, "
-                                 "`bfloat16`, or `int8` (its linear layers' weights int8 weight-only through torchao, "
-                                 "convolutions bfloat16; it computes in bfloat16); trainable weights and the optimizer "
-                                 "stay float32; not for `full`")
+                                 "`bfloat16`, or `int8` (its linear and convolution weights int8 weight-only through "
+                                 "torchao; it computes in bfloat16; a Stable Diffusion folder's UNet is loaded so, one "
+                                 "module at a time); trainable weights and the optimizer stay float32; not for `full`")
     data: DiffusionDataConfig = option(default_factory=DiffusionDataConfig, help="the captioned images")
     optim: DiffusionOptimConfig = option(default_factory=DiffusionOptimConfig, help="the optimizer")
     seed: int = option(0, help="seeds the initialisation, the noise and timesteps, and the batch order")

@@ -77,10 +77,10 @@ class TrainConfig(ConfigBase):
                            "`efficientnet-lite0`), a Hugging Face id, or a local model folder")
     method: MethodConfig = option(default_factory=MethodConfig, help="the training method and its options")
     backbone_dtype: str = option("float32", choices=BACKBONE_DTYPES, help="how the frozen backbone is held: "
-                                 "`float32`, `bfloat16`, or `int8` (its linear layers' weights int8 weight-only, "
-                                 "through torchao; it computes in bfloat16); what trains and its optimizer stay "
-                                 "float32 (QLoRA-style), and checkpoints are the same; for methods that train none of "
-                                 "the backbone's own weights (`restuning config` marks them)")
+                                 "`float32`, `bfloat16`, or `int8` (its linear and convolution weights int8 "
+                                 "weight-only, through torchao; it computes in bfloat16); what trains and its "
+                                 "optimizer stay float32 (QLoRA-style), and checkpoints are the same; for methods that "
+                                 "train none of the backbone's own weights (`restuning config` marks them)")
     data: DataConfig = option(default_factory=DataConfig, help="what the run trains and evaluates on")
     optim: OptimConfig = option(default_factory=OptimConfig, help="the optimizer and its schedule")
     seed: int = option(0, help="seeds the data split, the initialisation and the batch order")

@@ -1,0 +1,128 @@
+"""Int8 weight-only layers for frozen backbones (`backbone_dtype: int8`), through torchao.
+
+`quantize_layer` replaces an `nn.Linear`'s weight by torchao's `Int8WeightOnlyConfig` (one int8 per weight, a
+bfloat16 scale per output channel) and an `nn.Conv2d`'s by `IntxWeightOnlyConfig(int8, PerAxis(0))` (a bfloat16
+scale and int8 zero point per output channel and kernel position), and gives the layer a backward that keeps
+only what it already holds: autograd through torchao's own layer saves each weight's dequantized bfloat16 copy
+(measured with `saved_tensors_hooks`), so back-propagating through an int8 backbone (Res-Tuning, LoRA) would
+hold the bfloat16 model again. Here the product runs without autograd and its input gradient dequantizes the
+weight again in backward (`FrozenProduct`), as QLoRA's 4-bit matmul does; the weight is frozen, so nothing else
+is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ConfigError
+
+# Weights a convolution dequantizes at a time: torchao's dequantize holds about twice the bfloat16 weight while
+# it runs (measured: 122 MiB for SD v1.5's largest convolution, 56 MiB in bfloat16), so a larger one computes in
+# slices of its output channels.
+DEQUANTIZE_CHUNK = 4 * 2**20
+
+# A convolution's int8 weight has one bfloat16 scale and one int8 zero point per output channel and kernel
+# position, shared by its input channels (per group): below this many, they cost more than int8 saves.
+MIN_CONV_CHANNELS = 16
+
+
+def is_quantized(t: torch.Tensor) -> bool:
+    """A tensor subclass of packed low-bit data (torchao), not a plain tensor."""
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def int8_candidate(module: nn.Module) -> bool:
+    """Whether `quantize_layer` takes `module` (and has not already): a linear layer, or a 2-d convolution with
+    at least `MIN_CONV_CHANNELS` input channels per group and zero padding."""
+    if isinstance(module, nn.Linear):
+        return not is_quantized(module.weight)
+    return (isinstance(module, nn.Conv2d) and module.weight.shape[1] >= MIN_CONV_CHANNELS
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and not is_quantized(module.weight))
+
+
+def quantize_layer(module: nn.Module) -> None:
+    """`module`'s weight to int8 weight-only, in place (see the module's docstring), its state dict keys kept.
+    A plain `nn.Linear` or `nn.Conv2d` becomes an `Int8Linear` or `Int8Conv2d` (still one); a subclass keeps its
+    own class and forward, and so torchao's backward."""
+    quantize_, linear_config, conv_config = _torchao()
+    linear = isinstance(module, nn.Linear)
+    quantize_(module, linear_config() if linear else conv_config(), filter_fn=lambda m, fqn: m is module)
+    if type(module) in (nn.Linear, nn.Conv2d):
+        module.__class__ = Int8Linear if linear else Int8Conv2d
+
+
+class FrozenProduct(torch.autograd.Function):
+    """`layer(x)` for a frozen int8 `layer`: forward without autograd, backward to `x` only, from the packed
+    weight dequantized again (nothing but `x`'s shape and the layer are kept)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer, ctx.shape, ctx.dtype = layer, x.shape, x.dtype
+        with torch.no_grad():
+            return layer.product(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.layer.input_grad(grad.to(ctx.layer.weight.dtype), ctx.shape).to(ctx.dtype), None
+
+
+class Int8Linear(nn.Linear):
+    """An `nn.Linear` whose weight is int8 (torchao); see `FrozenProduct`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenProduct.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else self.product(x)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def input_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return grad @ self.weight.dequantize()
+
+
+class Int8Conv2d(nn.Conv2d):
+    """An `nn.Conv2d` whose weight is int8 (torchao); see `FrozenProduct`. Its weight is dequantized at most
+    `DEQUANTIZE_CHUNK` weights at a time (slices of the output channels; all at once with groups)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenProduct.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else self.product(x)
+
+    def _slices(self) -> list[slice]:
+        per_channel = self.weight.numel() // self.out_channels
+        step = max(1, DEQUANTIZE_CHUNK // per_channel) if self.groups == 1 else self.out_channels
+        return [slice(a, a + step) for a in range(0, self.out_channels, step)]
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        slices = self._slices()
+        if len(slices) == 1:
+            return self._conv_forward(x, self.weight, self.bias)
+        return torch.cat([F.conv2d(x, self.weight[s].dequantize(), None if self.bias is None else self.bias[s],
+                                   self.stride, self.padding, self.dilation) for s in slices], 1)
+
+    def input_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        total = None
+        for s in self._slices():
+            part = torch.nn.grad.conv2d_input(shape, self.weight[s].dequantize(), grad[:, s], self.stride,
+                                              self.padding, self.dilation, self.groups)
+            total = part if total is None else total.add_(part)
+        return total
+
+
+def _torchao() -> tuple[Any, Any, Any]:
+    """torchao's `quantize_` and the linear and convolution configs (callables taking no arguments)."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerAxis
+    except ImportError as err:
+        raise ConfigError("backbone_dtype int8 needs torchao: pip install 'restuning[quant]'") from err
+    return quantize_, Int8WeightOnlyConfig, lambda: IntxWeightOnlyConfig(weight_dtype=torch.int8,
+                                                                        granularity=PerAxis(0))
+
+
+def import_torchao() -> None:
+    """Import torchao now (a benchmark counts it among the libraries loaded before its baseline)."""
+    _torchao()
