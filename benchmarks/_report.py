@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -15,7 +16,9 @@ import torch
 
 def machine() -> dict[str, Any]:
     return {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            # glibc's allocator settings change what a CPU process's resident peak counts (docs/precision.md)
+            "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -31,7 +34,9 @@ def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, path)  # a run killed while writing leaves the previous file whole
     print(f"wrote {path}")
 
 
