@@ -156,6 +156,23 @@ def test_backbone_batch_runs_the_frozen_backbone_in_chunks_with_the_same_result(
     assert len(calls) == 2  # 4 + 2 examples
 
 
+def test_a_multi_task_bypass_runs_its_shared_forward_in_chunks_with_the_same_answers():
+    case = MODELS["bert"]
+    inputs = {k: torch.cat([v] * 3) for k, v in case.inputs().items()}  # a batch of 6
+    tasks = {"a": _model("bert", 3), "b": _model("bert", 2, pooling="mean")}
+    whole = MultiTaskBypass(case.model(), {k: v.task for k, v in tasks.items()})
+    chunked = MultiTaskBypass(case.model(), {k: v.task for k, v in tasks.items()}, backbone_batch=4)
+    calls = []
+    chunked.base_model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    with torch.no_grad():
+        expected, answers = whole(**inputs), chunked(**inputs)
+    assert answers.keys() == {"a", "b"} and len(calls) == 2
+    for name in answers:
+        torch.testing.assert_close(answers[name], expected[name], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="backbone_batch: expected a positive integer"):
+        MultiTaskBypass(case.model(), backbone_batch=0)
+
+
 def test_backbone_batch_splits_per_sample_arguments_of_a_unet():
     from test_unet_bypass import inputs as unet_inputs
 

@@ -108,8 +108,10 @@ class TaskTable:
         shared = self.share_forward and get_method(run.config.method.name).serves_many(run.config.method.config)
         task = Task(name, run, shared)
         if shared:
-            if self.multi is None:
-                self.multi = MultiTaskBypass(self._take_model()).eval()
+            if self.multi is None:  # the first shared run's backbone_batch bounds the shared forward's chunks
+                options = get_method(run.config.method.name).read_options(run.config.method.config, None)
+                self.multi = MultiTaskBypass(self._take_model(),
+                                             backbone_batch=getattr(options, "backbone_batch", None)).eval()
             try:
                 self.multi.add_task(name, run.path / FINAL)
             except (ValueError, RuntimeError, KeyError) as err:
