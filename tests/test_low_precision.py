@@ -441,6 +441,25 @@ def test_the_unet_bypass_on_an_int8_unet_starts_at_the_frozen_unet_and_trains():
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_a_diffusion_run_from_a_stable_diffusion_folder_loads_its_unet_held_in_int8(tmp_path):
+    from test_diffusion import run_config
+
+    from restuning.diffusion.pipeline import save_sd, tiny_pipeline
+    from restuning.diffusion.train import DiffusionTrainer, load_run
+    from restuning.diffusion.train_config import DiffusionTrainConfig
+    from restuning.int8 import Int8Conv2d
+
+    save_sd(tiny_pipeline(0), tmp_path / "sd")
+    config = run_config(tmp_path, "bypass").to_dict()
+    config.update(backbone_dtype="int8", model=str(tmp_path / "sd"))
+    trainer = DiffusionTrainer(from_dict(DiffusionTrainConfig, config), progress=False)
+    result = trainer.run()
+    assert result["eval_loss"] < result["eval_loss_start"], result
+    for unet in (trainer.components.unet, load_run(config["output_dir"])[0].unet):
+        _assert_held_in(unet, "int8")
+        assert any(isinstance(m, Int8Conv2d) for m in unet.modules())
+
+
 @pytest.mark.parametrize("method", ["bypass", "restuning"])
 def test_a_diffusion_run_on_an_int8_unet_trains_and_reopens_on_an_int8_unet(tmp_path, method):
     from test_diffusion import run_config
