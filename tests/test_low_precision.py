@@ -297,6 +297,49 @@ def test_backpropagating_through_an_int8_layer_saves_nothing_and_matches_its_deq
         torch.testing.assert_close(held(x), y8.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_an_int8_layer_with_a_trainable_bias_or_a_plain_weight_or_an_unbatched_input_computes_as_nn_does(layer):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(32, 48) if layer == "linear" else torch.nn.Conv2d(32, 48, 3, padding=1)
+    held = set_backbone_dtype(torch.nn.Sequential(_copy(plain)), "int8")[0]
+    reference = set_backbone_dtype(torch.nn.Sequential(_copy(plain)), "bfloat16")[0]
+    with torch.no_grad():
+        reference.weight.copy_(held.weight.dequantize())
+    held.bias.requires_grad_(True)  # e.g. PEFT's bias: all
+    reference.bias.requires_grad_(True)
+    x = torch.randn((4, 32) if layer == "linear" else (2, 32, 6, 6), dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(reference(x).shape, dtype=torch.bfloat16)
+    held(x).backward(g)
+    reference(x.detach()).backward(g)
+    assert held.bias.grad is not None
+    torch.testing.assert_close(held.bias.grad, reference.bias.grad, rtol=1e-2, atol=1e-2)
+    if layer == "conv":  # unbatched (C, H, W), with and without autograd, sliced or not
+        single = x.detach()[0].clone().requires_grad_(True)
+        torch.testing.assert_close(held(single), reference(single), rtol=1e-2, atol=1e-2)
+    held.weight = torch.nn.Parameter(reference.weight.detach().clone(), requires_grad=False)  # replaced: plain
+    torch.testing.assert_close(held(x), reference(x), rtol=0, atol=0)
+    held(x).sum().backward()
+
+
+def test_peft_lora_on_int8_convolutions_trains_them_in_bfloat16_and_keeps_linear_layers_int8():
+    from test_unet_bypass import inputs
+
+    from restuning.diffusion.pipeline import tiny_unet
+    from restuning.int8 import Int8Conv2d
+
+    unet = set_backbone_dtype(tiny_unet(cross_attention_dim=32), "int8")
+    targets = [n for n, m in unet.named_modules() if isinstance(m, Int8Conv2d) and n.endswith(("proj_in", "proj_out"))]
+    assert targets
+    model = get_method("peft_lora").build(unet, {"target_modules": ["to_q", "proj_in", "proj_out"]}, None)
+    bases = {n: m.get_base_layer() for n, m in model.named_modules() if n.endswith(("proj_in", "proj_out", "to_q"))
+             and hasattr(m, "get_base_layer")}
+    assert bases and all(is_quantized(b.weight) == n.endswith("to_q") for n, b in bases.items())
+    batch = inputs()
+    out = model(**batch)
+    (out if isinstance(out, torch.Tensor) else out.sample).float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_res_tuning_on_an_int8_backbone_saves_what_it_saves_on_a_bfloat16_one():
     case = CASES["vit"]
 
@@ -493,6 +536,7 @@ def test_a_stable_diffusion_unet_loads_held_module_by_module_as_converting_it_af
     held = load_sd(tmp_path / "sd", max_length=components.max_length, unet_dtype=dtype).unet
     converted = set_backbone_dtype(tiny_pipeline(0).unet, dtype)
     _assert_held_in(held, dtype)
+    assert not held.training and held.config._name_or_path == str(tmp_path / "sd")  # as from_pretrained
     if dtype == "int8":
         assert any(is_quantized(m.weight) for m in held.modules() if isinstance(m, torch.nn.Conv2d))
     assert _plain_state(held).keys() == _plain_state(converted).keys()
@@ -525,3 +569,13 @@ def test_a_safetensors_file_that_does_not_fit_the_model_is_a_clear_error(tmp_pat
     save_file(state, tmp_path / "good.safetensors")
     model = build_held(build, "bfloat16", SafetensorsWeights(tmp_path / "good.safetensors"))
     assert all(torch.equal(p, state[n].to(torch.bfloat16)) for n, p in model.named_parameters())
+
+    class WithIds(torch.nn.Module):  # a non-persistent buffer, which an older file may still hold
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 4)
+            self.register_buffer("ids", torch.arange(5), persistent=False)
+
+    save_file({"emb.weight": torch.randn(5, 4), "ids": torch.arange(5)}, tmp_path / "ids.safetensors")
+    with_ids = build_held(WithIds, "bfloat16", SafetensorsWeights(tmp_path / "ids.safetensors"))
+    assert torch.equal(with_ids.ids, torch.arange(5))

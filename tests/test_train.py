@@ -288,6 +288,34 @@ def test_a_reinjecting_bypass_trains_on_the_live_backbone_and_is_served_beside_s
     assert evaluate_run(config.output_dir)["test_accuracy"] == result["test_accuracy"]
 
 
+def test_the_task_table_chunks_its_shared_forward_as_its_first_shared_run_did(tmp_path):
+    from restuning.train.finished import open_run
+    from restuning.train.task_table import Query, TaskTable
+
+    chunked = _config(tmp_path, "bypass")
+    chunked.method.config = {"backbone_batch": 2}
+    Trainer(chunked, progress=False).run()
+    plain = _config(tmp_path, "bypass", {"output_dir": str(tmp_path / "plain")})
+    Trainer(plain, progress=False).run()
+    table = TaskTable(chunked.backbone)
+    table.add("chunked", chunked.output_dir)
+    table.add("plain", plain.output_dir)  # joins the shared forward, which keeps the first run's chunks
+    assert table.multi.backbone_batch == 2
+    calls = []
+    table.multi.base_model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    images = torch.rand(5, 3, 16, 16)
+    answers = table.answer([Query(["chunked", "plain"], images)])[0]
+    assert len(calls) == 3  # 2 + 2 + 1 images
+    for name, path in (("chunked", chunked.output_dir), ("plain", plain.output_dir)):
+        finished = open_run(path)
+        with torch.no_grad():
+            expected = finished.model(finished.backbone()).eval()(**table.encode(images))
+        torch.testing.assert_close(answers[name], expected, atol=1e-5, rtol=0)
+    second = TaskTable(plain.backbone)
+    second.add("plain", plain.output_dir)
+    assert second.multi.backbone_batch is None
+
+
 def test_a_feature_cache_on_disk_trains_as_the_one_in_memory_and_is_reused(tmp_path):
     in_memory = Trainer(_config(tmp_path / "memory", "bypass"), progress=False).run()
     config = _config(tmp_path / "disk", "bypass")

@@ -56,6 +56,17 @@ def quantize_layer(module: nn.Module) -> None:
         module.__class__ = Int8Linear if linear else Int8Conv2d
 
 
+def dequantize_layer(module: nn.Module) -> None:
+    """Undo `quantize_layer` on `module`, in place: a plain bfloat16 weight (its dequantized values) and the plain
+    class again, for a library that wraps the layer by its weight's type (PEFT's LoRA takes any torchao weight
+    for a linear one, which a convolution is not)."""
+    if not is_quantized(module.weight):
+        return
+    module.weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
+    if type(module) in (Int8Linear, Int8Conv2d):
+        module.__class__ = nn.Linear if type(module) is Int8Linear else nn.Conv2d
+
+
 class FrozenProduct(torch.autograd.Function):
     """`layer(x)` for a frozen int8 `layer`: forward without autograd, backward to `x` only, from the packed
     weight dequantized again (nothing but `x`'s shape and the layer are kept)."""
@@ -71,11 +82,19 @@ class FrozenProduct(torch.autograd.Function):
         return ctx.layer.input_grad(grad.to(ctx.layer.weight.dtype), ctx.shape).to(ctx.dtype), None
 
 
+def _frozen_product(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer(x)` goes through `FrozenProduct`: autograd needs `x`'s gradient and nothing else of the
+    layer's (a trainable bias, e.g. PEFT's `bias: all`, takes torchao's own backward), and the weight is int8."""
+    bias = getattr(layer, "bias", None)
+    return (torch.is_grad_enabled() and x.requires_grad and is_quantized(layer.weight)
+            and not (bias is not None and bias.requires_grad))
+
+
 class Int8Linear(nn.Linear):
     """An `nn.Linear` whose weight is int8 (torchao); see `FrozenProduct`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FrozenProduct.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else self.product(x)
+        return FrozenProduct.apply(x, self) if _frozen_product(self, x) else self.product(x)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -89,7 +108,9 @@ class Int8Conv2d(nn.Conv2d):
     `DEQUANTIZE_CHUNK` weights at a time (slices of the output channels; all at once with groups)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FrozenProduct.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else self.product(x)
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        return FrozenProduct.apply(x, self) if _frozen_product(self, x) else self.product(x)
 
     def _slices(self) -> list[slice]:
         per_channel = self.weight.numel() // self.out_channels
@@ -98,18 +119,21 @@ class Int8Conv2d(nn.Conv2d):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         slices = self._slices()
-        if len(slices) == 1:
+        if len(slices) == 1 or not is_quantized(self.weight):
             return self._conv_forward(x, self.weight, self.bias)
         return torch.cat([F.conv2d(x, self.weight[s].dequantize(), None if self.bias is None else self.bias[s],
                                    self.stride, self.padding, self.dilation) for s in slices], 1)
 
     def input_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        total = None
-        for s in self._slices():
+        slices, total = self._slices(), None
+        for s in slices:
             part = torch.nn.grad.conv2d_input(shape, self.weight[s].dequantize(), grad[:, s], self.stride,
                                               self.padding, self.dilation, self.groups)
+            # the slices' parts summed in float32: rounding each sum to bfloat16 grows with the slices
             total = part if total is None else total.add_(part)
-        return total
+            if len(slices) > 1 and total.dtype != torch.float32:
+                total = total.float()
+        return total.to(grad.dtype)
 
 
 def _torchao() -> tuple[Any, Any, Any]:

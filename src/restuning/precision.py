@@ -63,7 +63,9 @@ def build_held(build: Callable[[], nn.Module], dtype: str,
     real one module at a time from `weights(name, meta_parameter)` (e.g. `SafetensorsWeights`), cast, and
     quantized (int8) before the next. The conversion's peak is the held model's size plus one module, where
     loading in float32 or bfloat16 and converting after would peak at the wider model (3.3 GB for SD v1.5's UNet
-    in float32, against 0.8 GB held in int8)."""
+    in float32, against 0.8 GB held in int8). Parameters tied by assignment in the model's constructor come back
+    as separate tensors (accelerate's empty init registers each as its own), each read by its own name; tie them
+    again after (e.g. transformers' `tie_weights()`). Non-persistent buffers are the constructor's."""
     if dtype not in BACKBONE_DTYPES:
         raise ConfigError(f"backbone_dtype: expected one of {list(BACKBONE_DTYPES)}, got {dtype!r}")
     from accelerate import init_empty_weights
@@ -71,11 +73,14 @@ def build_held(build: Callable[[], nn.Module], dtype: str,
     with init_empty_weights():
         model = build()
     held = torch.float32 if dtype == "float32" else torch.bfloat16
+    made: dict[int, nn.Parameter] = {}  # by the meta parameter: one registered twice is read once
     for i, (prefix, module) in enumerate(model.named_modules()):
         for name, meta in list(module.named_parameters(recurse=False)):
-            value = weights(f"{prefix}.{name}" if prefix else name, meta)
-            value = value.to(held) if value.is_floating_point() else value
-            module._parameters[name] = nn.Parameter(value, requires_grad=False)
+            if id(meta) not in made:
+                value = weights(f"{prefix}.{name}" if prefix else name, meta)
+                value = value.to(held) if value.is_floating_point() else value
+                made[id(meta)] = nn.Parameter(value, requires_grad=False)
+            module._parameters[name] = made[id(meta)]
         if dtype == "int8" and int8_candidate(module):
             quantize_layer(module)
         if i % 16 == 15:
@@ -83,8 +88,9 @@ def build_held(build: Callable[[], nn.Module], dtype: str,
     for name, buffer in model.state_dict().items():  # persistent buffers the weights hold (parameters are taken)
         if hasattr(weights, "__contains__") and name in weights:
             buffer.copy_(weights(name, buffer))
-    if hasattr(weights, "finish"):
-        weights.finish()
+    if hasattr(weights, "finish"):  # non-persistent buffers a file may hold (old position ids) are not its own
+        persistent = set(model.state_dict())
+        weights.finish(ignore={n for n, _ in model.named_buffers() if n not in persistent})
     return set_backbone_dtype(model, dtype)
 
 
@@ -114,7 +120,9 @@ class SafetensorsWeights:
         self._unread.discard(name)
         return value
 
-    def finish(self) -> None:
+    def finish(self, ignore: set[str] = frozenset()) -> None:
+        """Refuse tensors no parameter or buffer took, but those named in `ignore`."""
+        self._unread -= ignore
         if self._unread:
             raise ConfigError(f"{self.path}: {len(self._unread)} tensors match no parameter of the model, e.g. "
                               f"{sorted(self._unread)[:3]} (a checkpoint of another model?)")

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..int8 import dequantize_layer, is_quantized
 from ..methods.classifier import LastLayerClassifier
 from ..methods.registry import Method, register_method
 from .presets import attention_projections
@@ -59,9 +60,21 @@ def peft_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     config.setdefault("lora_alpha", config["r"])  # PEFT's own default (8) would scale a rank-r update by 8/r
     config.setdefault("target_modules", attention_projections(model))
     try:
-        return get_peft_model(model, LoraConfig(**config))
+        lora = LoraConfig(**config)
+        _plain_targeted_convolutions(model, lora)
+        return get_peft_model(model, lora)
     except (TypeError, ValueError) as err:  # PEFT checks some options only here
         raise ConfigError(f"method.config: peft refuses these LoRA options ({err})") from err
+
+
+def _plain_targeted_convolutions(model: nn.Module, lora: Any) -> None:
+    """Int8 convolutions that LoRA targets back to bfloat16: PEFT wraps a layer with a torchao weight as a linear
+    one, which breaks on a convolution (int8 linear layers are wrapped correctly and stay int8)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and is_quantized(module.weight) and check_target_module_exists(lora, name):
+            dequantize_layer(module)
 
 
 def build(backbone: nn.Module, options: dict[str, Any], num_classes: int | None) -> nn.Module:

@@ -36,7 +36,7 @@ class MultiTaskBypass(FrozenBackbone):
                  backbone_batch: int | None = None):
         """`backbone_batch`: run the shared frozen forward on at most this many examples at a time (as
         `BypassConfig.backbone_batch`; the tasks' own configs do not set it, since one forward serves them all)."""
-        if backbone_batch is not None and (not isinstance(backbone_batch, int) or backbone_batch < 1):
+        if backbone_batch is not None and (type(backbone_batch) is not int or backbone_batch < 1):
             raise ConfigError(f"backbone_batch: expected a positive integer or None, got {backbone_batch!r}")
         plan = self.task_class.plan_for(model, BypassConfig())
         super().__init__(model, plan, needed=1)

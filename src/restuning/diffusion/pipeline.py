@@ -165,7 +165,9 @@ def _load_unet(source: str, dtype: str) -> nn.Module:
     weights = Path(source) / "unet" / "diffusion_pytorch_model.safetensors"
     if dtype != "float32" and weights.is_file():
         config = UNet2DConditionModel.load_config(source, subfolder="unet")
-        return build_held(lambda: UNet2DConditionModel.from_config(config), dtype, SafetensorsWeights(weights))
+        unet = build_held(lambda: UNet2DConditionModel.from_config(config), dtype, SafetensorsWeights(weights))
+        unet.register_to_config(_name_or_path=source)
+        return unet.eval()  # as from_pretrained returns it
     low = torch.bfloat16 if dtype != "float32" else torch.float32  # a hub id, or sharded / .bin weights
     return set_backbone_dtype(UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=low), dtype)
 

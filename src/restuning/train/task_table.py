@@ -108,10 +108,11 @@ class TaskTable:
         shared = self.share_forward and get_method(run.config.method.name).serves_many(run.config.method.config)
         task = Task(name, run, shared)
         if shared:
-            if self.multi is None:  # the first shared run's backbone_batch bounds the shared forward's chunks
+            if self.multi is None:
+                self.multi = MultiTaskBypass(self._take_model()).eval()
+            if not len(self.multi.tasks):  # the first shared task's backbone_batch bounds the shared forward's chunks
                 options = get_method(run.config.method.name).read_options(run.config.method.config, None)
-                self.multi = MultiTaskBypass(self._take_model(),
-                                             backbone_batch=getattr(options, "backbone_batch", None)).eval()
+                self.multi.backbone_batch = getattr(options, "backbone_batch", None)
             try:
                 self.multi.add_task(name, run.path / FINAL)
             except (ValueError, RuntimeError, KeyError) as err:
