@@ -125,14 +125,14 @@ class Int8Conv2d(nn.Conv2d):
                                    self.stride, self.padding, self.dilation) for s in slices], 1)
 
     def input_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        slices, total = self._slices(), None
-        for s in slices:
-            part = torch.nn.grad.conv2d_input(shape, self.weight[s].dequantize(), grad[:, s], self.stride,
-                                              self.padding, self.dilation, self.groups)
-            # the slices' parts summed in float32: rounding each sum to bfloat16 grows with the slices
-            total = part if total is None else total.add_(part)
-            if len(slices) > 1 and total.dtype != torch.float32:
-                total = total.float()
+        slices = self._slices()
+        parts = (torch.nn.grad.conv2d_input(shape, self.weight[s].dequantize(), grad[:, s], self.stride,
+                                            self.padding, self.dilation, self.groups) for s in slices)
+        if len(slices) == 1:
+            return next(parts)
+        total = next(parts).float()  # summed in float32: rounding each sum to bfloat16 grows with the slices
+        for part in parts:
+            total.add_(part)
         return total.to(grad.dtype)
 
 

@@ -85,12 +85,13 @@ def build_held(build: Callable[[], nn.Module], dtype: str,
             quantize_layer(module)
         if i % 16 == 15:
             release_freed_memory()
-    for name, buffer in model.state_dict().items():  # persistent buffers the weights hold (parameters are taken)
-        if hasattr(weights, "__contains__") and name in weights:
-            buffer.copy_(weights(name, buffer))
+    persistent, buffers = set(model.state_dict()), list(model.named_buffers())
+    if hasattr(weights, "__contains__"):  # persistent buffers the weights hold
+        for name, buffer in buffers:
+            if name in persistent and name in weights:
+                buffer.copy_(weights(name, buffer))
     if hasattr(weights, "finish"):  # non-persistent buffers a file may hold (old position ids) are not its own
-        persistent = set(model.state_dict())
-        weights.finish(ignore={n for n, _ in model.named_buffers() if n not in persistent})
+        weights.finish(ignore={n for n, _ in buffers if n not in persistent})
     return set_backbone_dtype(model, dtype)
 
 
