@@ -77,3 +77,51 @@ def test_frontier_report_merges_rows_fills_ratios_and_plots(tmp_path):
     assert rows[("tweets/minilm", "lst")]["memory_ratio_to_full"] == 0.35
     assert "error" in rows[("mnist/efficientnet", "lst")]
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_backbone_chunks_times_each_bound_with_the_chunks_it_ran(tmp_path):
+    out = tmp_path / "chunks.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "backbone_chunks.py"), "--settings", "minilm_32",
+                           "--batch", "40", "--repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())["settings"]["minilm_32"]
+    assert result["positions_per_example"] == 32
+    rows = {row["backbone_tokens"]: row for row in result["rows"]}
+    # 40 tweets of 32 tokens: 1024 positions take 32 of them, 512 take 16; the first round counted them.
+    assert {b: (r["examples_per_chunk"], r["chunks"]) for b, r in rows.items()} == {
+        None: (40, 1), 4096: (40, 1), 2048: (40, 1), 1024: (32, 2), 512: (16, 3)}
+    assert rows[None]["ratio_to_whole_batch"] == 1.0 and all(r["median_cpu_seconds"] > 0 for r in rows.values())
+
+
+@pytest.mark.parametrize("fail_at", ["write", "replace"])
+def test_a_benchmark_json_stopped_while_written_leaves_the_previous_file_whole(tmp_path, monkeypatch, fail_at):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("_report", BENCHMARKS / "_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    out = tmp_path / "result.json"
+    report.write_json(out, {"run": 1})
+
+    class Stopped(Exception):
+        pass
+
+    if fail_at == "write":  # the process dies halfway through the bytes
+        def write_text(self, text, *args, **kwargs):
+            with open(self, "w") as f:
+                f.write(text[: len(text) // 2])
+            raise Stopped
+        monkeypatch.setattr(Path, "write_text", write_text)
+    else:  # the bytes are written, the process dies before the rename
+        def replace(*args):
+            raise Stopped
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Stopped):
+        report.write_json(out, {"run": 2, "rows": list(range(100))})
+    assert json.loads(out.read_text()) == {"run": 1}
+    monkeypatch.undo()
+    report.write_json(out, {"run": 3})  # the next run replaces the partial file and the result
+    assert json.loads(out.read_text()) == {"run": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]

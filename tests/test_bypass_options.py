@@ -156,6 +156,73 @@ def test_backbone_batch_runs_the_frozen_backbone_in_chunks_with_the_same_result(
     assert len(calls) == 2  # 4 + 2 examples
 
 
+def _counted(model) -> tuple[list[int], list[int]]:
+    """(batch of each backbone call, batch of each call that reached the last tap) of `model` from now on."""
+    calls, whole = [], []
+    model.base_model.register_forward_pre_hook(lambda m, a, k: calls.append(_batch(a, k)), with_kwargs=True)
+    model.base_model.get_submodule(model.taps.points[-1]).register_forward_pre_hook(  # the taps' own hook ends it
+        lambda m, a, k: whole.append(_batch(a, k)), with_kwargs=True)
+    return calls, whole
+
+
+def _batch(args: tuple, kwargs: dict) -> int:
+    return next(len(t) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim())
+
+
+@pytest.mark.parametrize("model_name", ["bert", "vit", "resnet"])
+def test_backbone_tokens_chunks_by_the_positions_of_an_example_counted_once_per_input_shape(model_name):
+    case = MODELS[model_name]
+    inputs = {k: torch.cat([v] * 3) for k, v in case.inputs().items()}  # a batch of 6
+    whole = _model(model_name, 3, backbone_tokens=None, pooling="mean")  # every token tapped, so x_0 is whole
+    x_0 = whole.features(**inputs)[0]
+    positions = x_0[0, :, 0].numel() if whole.plan.layout == "tokens" else x_0[0, 0].numel()
+    chunked = _model(model_name, 3, backbone_tokens=2 * positions + 1, pooling="mean")  # 2 examples fit, 3 do not
+    calls, full = _counted(chunked)
+    with torch.no_grad():
+        first = chunked(**inputs)
+        torch.testing.assert_close(first, whole(**inputs), atol=1e-5, rtol=0)
+        assert calls == [1, 2, 2, 2] and full == [2, 2, 2]  # one example up to the first tap, then 2 + 2 + 2
+        again = chunked(**inputs)
+    assert calls[4:] == [2, 2, 2]  # counted once for inputs of this shape
+    torch.testing.assert_close(again, first, atol=0, rtol=0)  # the same chunks, so the same rounding, every call
+    del calls[:]
+    with torch.no_grad():
+        chunked(**{k: v[:1] for k, v in inputs.items()})  # a single example: nothing to chunk or count
+    assert calls == [1]
+
+
+def test_backbone_tokens_counts_again_when_the_inputs_change_shape():
+    case = MODELS["bert"]
+    inputs = {k: torch.cat([v] * 4) for k, v in case.inputs().items()}  # (8, T) tokens
+    tokens = inputs["input_ids"].shape[1]
+    model = _model("bert", 3, backbone_tokens=4 * tokens)
+    calls, _ = _counted(model)
+    with torch.no_grad():
+        model(**inputs)
+        model(**{k: v[:, : tokens // 2] for k, v in inputs.items()})  # half the tokens: 8 examples fit
+    assert calls == [1, 4, 4, 1, 8]
+    whole = MultiTaskBypass(case.model(), backbone_tokens=None)
+    assert (whole.backbone_batch, whole.backbone_tokens) == (None, None)
+    with pytest.raises(ConfigError, match="backbone_tokens: expected a positive integer"):
+        MultiTaskBypass(case.model(), backbone_tokens=0)
+    with pytest.raises(ConfigError, match="backbone_tokens: expected"):
+        BypassConfig(backbone_tokens=True)
+
+
+def test_backbone_batch_overrides_backbone_tokens_and_reinject_runs_the_whole_batch():
+    case = MODELS["bert"]
+    inputs = {k: torch.cat([v] * 3) for k, v in case.inputs().items()}  # a batch of 6
+    model = _model("bert", 3, backbone_batch=4, backbone_tokens=1)
+    calls, _ = _counted(model)
+    with torch.no_grad():
+        model(**inputs)
+    assert calls == [4, 2]
+    reinjected = _model("bert", 3, reinject=1, backbone_tokens=1)
+    calls, _ = _counted(reinjected)
+    reinjected(**inputs).sum().backward()
+    assert calls == [6]
+
+
 def test_a_multi_task_bypass_runs_its_shared_forward_in_chunks_with_the_same_answers():
     case = MODELS["bert"]
     inputs = {k: torch.cat([v] * 3) for k, v in case.inputs().items()}  # a batch of 6

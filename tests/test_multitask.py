@@ -40,10 +40,12 @@ def test_every_task_for_every_sample_equals_each_model_alone(name, tmp_path):
     for task, model in singles.items():
         model.save_pretrained(tmp_path / task)
     multi = MultiTaskBypass(case.model(), {task: tmp_path / task for task in singles}).eval()
-    forwards = []
+    forwards, whole = [], []
     multi.base_model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    multi.base_model.get_submodule(multi.taps.points[-1]).register_forward_pre_hook(lambda *a: whole.append(1))
     answers = multi(**case.inputs())
-    assert len(forwards) == 1, "the backbone must run once per batch for all tasks"
+    assert len(whole) == 1, "the backbone must run once per batch for all tasks"
+    assert len(forwards) == 2  # and, once per input shape, one example up to its first tap (`backbone_tokens`)
     assert list(answers) == list(TASK_CONFIGS)
     for task, model in singles.items():
         torch.testing.assert_close(answers[task], model(**case.inputs()), atol=1e-5, rtol=0)

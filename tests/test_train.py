@@ -15,6 +15,7 @@ from conftest import CASES, tiny_vit_folder
 from safetensors.torch import load_file
 
 from restuning import CheckpointError, ConfigError, DataError, RunError, TrainingError
+from restuning.bypass.config import BACKBONE_TOKENS
 from restuning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from restuning.cli import main
 from restuning.data import LabelledData, few_shot, mnist5k, random_resized_crop, split_indices, text_table, vtab_split
@@ -293,14 +294,14 @@ def test_the_task_table_chunks_its_shared_forward_as_its_first_shared_run_did(tm
     from restuning.train.task_table import Query, TaskTable
 
     chunked = _config(tmp_path, "bypass")
-    chunked.method.config = {"backbone_batch": 2}
+    chunked.method.config = {"backbone_batch": 2, "backbone_tokens": 64}
     Trainer(chunked, progress=False).run()
     plain = _config(tmp_path, "bypass", {"output_dir": str(tmp_path / "plain")})
     Trainer(plain, progress=False).run()
     table = TaskTable(chunked.backbone)
     table.add("chunked", chunked.output_dir)
     table.add("plain", plain.output_dir)  # joins the shared forward, which keeps the first run's chunks
-    assert table.multi.backbone_batch == 2
+    assert (table.multi.backbone_batch, table.multi.backbone_tokens) == (2, 64)
     calls = []
     table.multi.base_model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
     images = torch.rand(5, 3, 16, 16)
@@ -313,7 +314,7 @@ def test_the_task_table_chunks_its_shared_forward_as_its_first_shared_run_did(tm
         torch.testing.assert_close(answers[name], expected, atol=1e-5, rtol=0)
     second = TaskTable(plain.backbone)
     second.add("plain", plain.output_dir)
-    assert second.multi.backbone_batch is None
+    assert (second.multi.backbone_batch, second.multi.backbone_tokens) == (None, BACKBONE_TOKENS)
 
 
 def test_a_feature_cache_on_disk_trains_as_the_one_in_memory_and_is_reused(tmp_path):

@@ -11,6 +11,10 @@ from ..errors import ConfigError
 POOLINGS = ("auto", "cls", "mean", "avg", "last", "attention")
 COMBINES = ("gates", "softmax")
 VARIANTS = ("none", "horizontal", "vertical", "both")
+# Positions per frozen-forward chunk by default: on 2 CPU cores, chunks of at most 2048 positions ran the no-grad
+# forward of ViT-B/16, MiniLM and ResNet-50 at batch 32 in 0.77-1.03 of the whole batch's CPU time
+# (benchmarks/backbone_chunks.py, docs/backbone_chunks.json).
+BACKBONE_TOKENS = 2048
 
 
 @dataclass
@@ -54,8 +58,15 @@ class BypassConfig(ConfigBase):
     family: str | None = option(None, help="force an op map (as `family` of restuning)")
     backbone_batch: int | None = option(None, ge=1, help="run the frozen backbone on at most this many examples "
                                         "at a time and join their features (the same features, since it runs "
-                                        "without autograd; its transient activations shrink with the chunk, at "
-                                        "some speed); null: the whole batch at once")
+                                        "without autograd; its transient activations shrink with the chunk); "
+                                        "overrides `backbone_tokens`; null: chunks by `backbone_tokens`")
+    backbone_tokens: int | None = option(BACKBONE_TOKENS, ge=1, help="unless `backbone_batch` is set, run the "
+                                         "frozen backbone on chunks of as many whole examples as hold at most this "
+                                         "many positions of its first tapped state (a sequence's tokens, a map's "
+                                         "H x W; at least one example; the first forward of each input shape runs "
+                                         "one example to count them): the same features, less transient memory, "
+                                         "and on CPU the same time or less (benchmarks/backbone_chunks.py); null: "
+                                         "the whole batch at once; a run with `reinject` runs the whole batch")
     reinject: int = option(0, ge=0, help="late re-injection: the bypass state is added back into the inputs of the "
                            "last `reinject` tapped blocks (`z = x + s (b - x)`, one gate `s` per block, zero at "
                            "init), which then run again with autograd through their activations, never their "

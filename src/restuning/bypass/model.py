@@ -15,7 +15,7 @@ from ..ops import family_for_model
 from ..params import ParameterReport
 from ..precision import trainable_dtype
 from .compiled import CompiledTask
-from .config import BypassConfig
+from .config import BACKBONE_TOKENS, BypassConfig
 from .network import BypassTask
 from .taps import BlockCalls, FeatureTaps, TapPlan
 
@@ -28,9 +28,11 @@ class FrozenBackbone(ParameterReport, nn.Module):
     Subclasses own the tasks. Calls go to the backbone with the backbone's own arguments.
     """
 
-    # Examples per frozen-backbone forward (None: the whole batch). Without autograd the chunks' features are the
-    # whole batch's, while the forward's transient activations shrink with the chunk.
+    # Examples per frozen-backbone forward (None: the whole batch), or else chunks of at most `backbone_tokens`
+    # positions of x_0 (None: the whole batch). Without autograd the chunks' features are the whole batch's, while
+    # the forward's transient activations shrink with the chunk.
     backbone_batch: int | None = None
+    backbone_tokens: int | None = BACKBONE_TOKENS
 
     def __init__(self, model: nn.Module, plan: TapPlan, needed: int, first_token_only: bool = False,
                  calls: tuple[str, ...] = ()):
@@ -42,6 +44,7 @@ class FrozenBackbone(ParameterReport, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.taps = FeatureTaps(model, plan.points[:needed], first_token_only, calls=calls).attach()
+        self._positions: tuple[tuple, int] | None = None  # (example shapes, positions of x_0) of the last forward
 
     @property
     def runner(self) -> nn.Module:
@@ -76,13 +79,27 @@ class FrozenBackbone(ParameterReport, nn.Module):
 
     def features(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """One backbone forward without autograd (through the plan's tower, where it names one): [x_0, x_1, ...]
-        as tapped (channels-first for CNNs)."""
-        runner = self.runner
-        chunks = _chunks(args, kwargs, self.backbone_batch)
-        if chunks is None:
+        as tapped (channels-first for CNNs), in chunks of examples (`backbone_batch`, `backbone_tokens`)."""
+        runner, batch = self.runner, _batch_size(args, kwargs)
+        size = None if batch is None or batch == 1 else self._chunk_size(args, kwargs, batch)
+        if size is None or batch <= size:
             return self.taps(lambda: runner(*args, **kwargs))
-        parts = [self.taps(lambda a=a, k=k: runner(*a, **k)) for a, k in chunks]
+        parts = [self.taps(lambda a=a, k=k: runner(*a, **k))
+                 for a, k in (_chunk(args, kwargs, batch, start, size) for start in range(0, batch, size))]
         return [torch.cat(layer) for layer in zip(*parts, strict=True)]
+
+    def _chunk_size(self, args: tuple, kwargs: dict, batch: int) -> int | None:
+        """Examples per chunk: `backbone_batch`; else as many as hold `backbone_tokens` positions of x_0, counted
+        once per shape of an example by running one example up to the first tap (so the chunks, and with them
+        the float rounding of the features, depend on the inputs' shapes alone)."""
+        if self.backbone_batch is not None or self.backbone_tokens is None:
+            return self.backbone_batch
+        shapes = _example_shapes(args, kwargs)
+        if self._positions is None or self._positions[0] != shapes:
+            a, k = _chunk(args, kwargs, batch, 0, 1)
+            shape = self.taps.first_shape(lambda: self.runner(*a, **k))
+            self._positions = (shapes, _positions(shape, self.plan.layout))
+        return max(1, self.backbone_tokens // self._positions[1])
 
     def features_and_calls(self, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], BlockCalls]:
         """As `features` (in one piece), and the recorded calls of the taps' `calls` blocks."""
@@ -103,20 +120,34 @@ class FrozenBackbone(ParameterReport, nn.Module):
         return self.base_model
 
 
-def _chunks(args: tuple, kwargs: dict, size: int | None) -> list[tuple[tuple, dict]] | None:
-    """The call's arguments split into chunks of `size` examples (tensors whose first dimension is the batch's),
-    or None when the batch is no larger than `size`."""
-    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
-    if size is None or first is None or first.shape[0] <= size:
-        return None
-    batch = first.shape[0]
+def _batched(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()]
 
-    def part(value: Any, lo: int) -> Any:
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The call's batch: the first dimension of its first tensor argument (None: no tensor argument)."""
+    tensors = _batched(args, kwargs)
+    return tensors[0].shape[0] if tensors else None
+
+
+def _example_shapes(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], ...]:
+    """The shapes of one example of each tensor argument: what the positions of an example depend on."""
+    return tuple(tuple(t.shape[1:]) for t in _batched(args, kwargs))
+
+
+def _positions(shape: torch.Size, layout: str) -> int:
+    """Positions of one example of x_0: tokens of (B, T, D), H x W of a channels-first map (B, C, H, W)."""
+    return max(1, shape[1:-1].numel() if layout == "tokens" else shape[2:].numel())
+
+
+def _chunk(args: tuple, kwargs: dict, batch: int, start: int, size: int) -> tuple[tuple, dict]:
+    """The call's arguments for examples [start, start + size): tensors whose first dimension is the batch's are
+    sliced, everything else passes whole."""
+    def part(value: Any) -> Any:
         is_batched = isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch
-        return value[lo:lo + size] if is_batched else value
+        return value[start:start + size] if is_batched else value
 
-    return [(tuple(part(a, lo) for a in args), {k: part(v, lo) for k, v in kwargs.items()})
-            for lo in range(0, batch, size)]
+    return tuple(part(a) for a in args), {k: part(v) for k, v in kwargs.items()}
 
 
 def _needed(task: BypassTask) -> int:
@@ -133,7 +164,7 @@ class ResTuningBypassModel(FrozenBackbone):
         plan = task.plan if task is not None else self.task_class.plan_for(model, config)
         task = task if task is not None else _build_task(model, plan, config, self.task_class)
         super().__init__(model, plan, _needed(task), task.first_token_only, task.reinjected)
-        self.backbone_batch = config.backbone_batch
+        self.backbone_batch, self.backbone_tokens = config.backbone_batch, config.backbone_tokens
         self.bypass_config = config
         self.task = task
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from .config import BypassConfig
+from .config import BACKBONE_TOKENS, BypassConfig
 from .model import FrozenBackbone, ResTuningBypassModel, _build_task, _needed, load_task, save_task
 from .network import BypassTask
 
@@ -33,14 +33,13 @@ class MultiTaskBypass(FrozenBackbone):
     single_class: type[ResTuningBypassModel] = ResTuningBypassModel
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, TaskSource] | None = None,
-                 backbone_batch: int | None = None):
-        """`backbone_batch`: run the shared frozen forward on at most this many examples at a time (as
-        `BypassConfig.backbone_batch`; the tasks' own configs do not set it, since one forward serves them all)."""
-        if backbone_batch is not None and (type(backbone_batch) is not int or backbone_batch < 1):
-            raise ConfigError(f"backbone_batch: expected a positive integer or None, got {backbone_batch!r}")
+                 backbone_batch: int | None = None, backbone_tokens: int | None = BACKBONE_TOKENS):
+        """`backbone_batch`, `backbone_tokens`: the chunks of the shared frozen forward (as `BypassConfig`'s; the
+        tasks' own configs do not set them, since one forward serves them all)."""
+        chunks = BypassConfig(backbone_batch=backbone_batch, backbone_tokens=backbone_tokens)  # checks both
         plan = self.task_class.plan_for(model, BypassConfig())
         super().__init__(model, plan, needed=1)
-        self.backbone_batch = backbone_batch
+        self.backbone_batch, self.backbone_tokens = chunks.backbone_batch, chunks.backbone_tokens
         self.tasks = nn.ModuleDict()
         for name, source in (tasks or {}).items():
             self.add_task(name, source)

@@ -158,7 +158,11 @@ class FeatureTaps:
 
     def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._record is not None and "" not in self._record:
-            self._record[""] = self._keep(first_input(args, kwargs))
+            x = first_input(args, kwargs)
+            if self._record.get("probe"):
+                self._record[""] = x.shape
+                raise _Done
+            self._record[""] = self._keep(x)
 
     def _call_hook(self, name: str):
         at = self.points.index(name)
@@ -196,6 +200,23 @@ class FeatureTaps:
     def __call__(self, run: Callable[[], Any]) -> list[torch.Tensor]:
         """Run `run()` (a backbone call), without autograd unless `grad`; return [x_0, x_1, ..., x_L]."""
         return self.with_calls(run)[0]
+
+    def first_shape(self, run: Callable[[], Any]) -> torch.Size:
+        """x_0's full shape in the backbone call `run()`, which stops there (only the modules before the first
+        tap run, without autograd)."""
+        if not self.handles:
+            raise RuntimeError("FeatureTaps are not attached")
+        self._record = {"probe": True}
+        try:
+            with torch.no_grad():
+                run()
+        except _Done:
+            pass
+        finally:
+            record, self._record = self._record, None
+        if "" not in record:
+            raise RuntimeError(f"the backbone call did not run the first tapped module {self.points[0]!r}")
+        return record[""]
 
     def with_calls(self, run: Callable[[], Any]) -> tuple[list[torch.Tensor], BlockCalls]:
         """As calling the taps, and the recorded calls of the `calls` modules, to run them again (`BlockCalls`)."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..bypass import MultiTaskBypass
+from ..bypass.config import BACKBONE_TOKENS
 from ..data import LabelledData
 from ..data.transforms import resize
 from ..errors import CheckpointError, ConfigError
@@ -110,9 +111,10 @@ class TaskTable:
         if shared:
             if self.multi is None:
                 self.multi = MultiTaskBypass(self._take_model()).eval()
-            if not len(self.multi.tasks):  # the first shared task's backbone_batch bounds the shared forward's chunks
+            if not len(self.multi.tasks):  # the first shared task's options bound the shared forward's chunks
                 options = get_method(run.config.method.name).read_options(run.config.method.config, None)
                 self.multi.backbone_batch = getattr(options, "backbone_batch", None)
+                self.multi.backbone_tokens = getattr(options, "backbone_tokens", BACKBONE_TOKENS)
             try:
                 self.multi.add_task(name, run.path / FINAL)
             except (ValueError, RuntimeError, KeyError) as err:
