@@ -200,13 +200,64 @@ def test_backbone_tokens_counts_again_when_the_inputs_change_shape():
     with torch.no_grad():
         model(**inputs)
         model(**{k: v[:, : tokens // 2] for k, v in inputs.items()})  # half the tokens: 8 examples fit
-    assert calls == [1, 4, 4, 1, 8]
+    with torch.no_grad():
+        model(**inputs)
+        model(**{k: v[:, : tokens // 2] for k, v in inputs.items()})
+    assert calls == [1, 4, 4, 1, 8, 4, 4, 8]  # each shape was counted once
     whole = MultiTaskBypass(case.model(), backbone_tokens=None)
     assert (whole.backbone_batch, whole.backbone_tokens) == (None, None)
     with pytest.raises(ConfigError, match="backbone_tokens: expected a positive integer"):
         MultiTaskBypass(case.model(), backbone_tokens=0)
     with pytest.raises(ConfigError, match="backbone_tokens: expected"):
         BypassConfig(backbone_tokens=True)
+
+
+def test_backbone_tokens_runs_whole_a_call_it_cannot_cut_by_example():
+    # A KV cache, a 1-d tensor that is not per example (GPT-2's position ids, T == B by accident), and the two
+    # towers of a CLIP model with more captions than images: each runs whole, with the whole batch's features.
+    llama, clip = MODELS["llama"], FAMILY_CASES["clip_model"]
+    ids = torch.randint(3, 100, (6, 10), generator=torch.Generator().manual_seed(0))
+    backbone = llama.model()
+    model = restuning.get_restuning_model(backbone, BypassConfig(num_classes=3, backbone_tokens=1))
+    with torch.no_grad():
+        cache = backbone(input_ids=ids[:, :4], use_cache=True).past_key_values
+    calls, _ = _counted(model)
+    with torch.no_grad():
+        assert model(input_ids=ids[:, 4:], past_key_values=cache, use_cache=True).shape == (6, 3)
+    assert calls == [6]
+    model = _model("gpt2", 3, pooling="mean", backbone_tokens=1)
+    calls, _ = _counted(model)
+    square = torch.randint(3, 100, (8, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert model.features(input_ids=square, position_ids=torch.arange(8))[0].shape[0] == 8
+    assert calls == [8]
+    model = restuning.get_restuning_model(clip.model(), BypassConfig(taps=r"vision_model\.encoder\.layers\.\d+",
+                                                                     backbone_tokens=1))
+    texts, images = torch.randint(3, 100, (5, 7)), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        x_0 = model.features(input_ids=texts, pixel_values=images)[0]
+    assert x_0.shape[0] == 2
+
+
+@pytest.mark.parametrize("method", ["side_tuning", "lst"])
+def test_side_networks_chunk_their_frozen_forward_as_their_config_says(method):
+    from restuning.methods import build_classifier
+
+    case = MODELS["bert"]
+    inputs = {k: torch.cat([v] * 3) for k, v in case.inputs().items()}  # a batch of 6
+    tokens = inputs["input_ids"].shape[1]
+    counts = {}
+    for options in ({}, {"backbone_tokens": 2 * tokens}, {"backbone_tokens": None}, {"backbone_batch": 4}):
+        torch.manual_seed(0)
+        model = build_classifier(method, case.model(), 3, options)
+        calls, _ = _counted(model)
+        with torch.no_grad():
+            out = model(**inputs)
+        counts[str(options)] = calls
+        if not options:
+            expected = out
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert list(counts.values()) == [[1, 6], [1, 2, 2, 2], [6], [4, 2]]
 
 
 def test_backbone_batch_overrides_backbone_tokens_and_reinject_runs_the_whole_batch():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..bypass.config import backbone_batch_option, backbone_tokens_option
 from ..bypass.network import pool
 from ..config import ConfigBase, check_family, option
 from ..methods.registry import Method, register_method
@@ -37,6 +38,8 @@ class LSTConfig(ConfigBase):
     temperature: float = option(0.1, gt=0, help="temperature T of the ladder gates (LST: 0.1)")
     pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
     family: str | None = option(None, help="force an op map (as `family` of restuning)")
+    backbone_batch: int | None = backbone_batch_option()
+    backbone_tokens: int | None = backbone_tokens_option()
 
     def validate(self) -> None:
         check_family(self.family)
@@ -46,7 +49,7 @@ class LadderSideTuning(SideNetworkModel):
     """`model(**inputs)` -> logits (B, num_classes)."""
 
     def __init__(self, model: nn.Module, config: LSTConfig):
-        super().__init__(model, config.pooling, config.family, METHOD)
+        super().__init__(model, config, METHOD)
         self.config = config
         widths = self.plan.widths
         width = max(config.heads, widths[-1] // config.reduction // config.heads * config.heads)

@@ -3,6 +3,8 @@ a small side transformer over tokens, and a classification head."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,11 +32,13 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 class SideNetworkModel(FrozenBackbone):
     """Base of the side-network baselines: taps every layer of a frozen token backbone."""
 
-    def __init__(self, model: nn.Module, pooling: str, family: str | None, what: str):
-        plan = plan_taps(model, BypassConfig(pooling=pooling, family=family))
+    def __init__(self, model: nn.Module, config: Any, what: str):
+        """`config`: the method's options, with `pooling`, `family`, `backbone_batch` and `backbone_tokens`."""
+        plan = plan_taps(model, BypassConfig(pooling=config.pooling, family=config.family))
         if plan.layout != "tokens":
             raise ConfigError(f"{what}: the side network reads tokens (B, T, D); this backbone gives feature maps")
         super().__init__(model, plan, plan.depth)
+        self.backbone_batch, self.backbone_tokens = config.backbone_batch, config.backbone_tokens
 
     def _place(self) -> None:
         ref = next(self.base_model.parameters())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..bypass.config import backbone_batch_option, backbone_tokens_option
 from ..bypass.network import read_out
 from ..config import ConfigBase, check_family, option
 from ..methods.registry import Method, register_method
@@ -35,6 +36,8 @@ class SideTuningConfig(ConfigBase):
                                "(0: a = 0.5)")
     pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
     family: str | None = option(None, help="force an op map (as `family` of restuning)")
+    backbone_batch: int | None = backbone_batch_option()
+    backbone_tokens: int | None = backbone_tokens_option()
 
     def validate(self) -> None:
         check_family(self.family)
@@ -44,7 +47,7 @@ class SideTuning(SideNetworkModel):
     """`model(**inputs)` -> logits (B, num_classes)."""
 
     def __init__(self, model: nn.Module, config: SideTuningConfig):
-        super().__init__(model, config.pooling, config.family, METHOD)
+        super().__init__(model, config, METHOD)
         self.config = config
         dim = self.plan.widths[-1]
         width = config.width or max(config.heads, dim // 4 // config.heads * config.heads)

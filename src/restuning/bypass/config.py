@@ -17,6 +17,25 @@ VARIANTS = ("none", "horizontal", "vertical", "both")
 BACKBONE_TOKENS = 2048
 
 
+def backbone_batch_option() -> Any:
+    """The `backbone_batch` option of every method that reads a frozen backbone without autograd."""
+    return option(None, ge=1, help="run the frozen backbone on at most this many examples at a time and join "
+                  "their features (the same features, since it runs without autograd; its transient activations "
+                  "shrink with the chunk); overrides `backbone_tokens`; null: chunks by `backbone_tokens`")
+
+
+def backbone_tokens_option() -> Any:
+    """The `backbone_tokens` option of every method that reads a frozen backbone without autograd."""
+    return option(BACKBONE_TOKENS, ge=1, help="unless `backbone_batch` is set, run the frozen backbone on chunks "
+                  "of as many whole examples as hold at most this many positions of its first tapped state (a "
+                  "sequence's tokens, a map's H x W; at least one example; counted once per input shape by running "
+                  "one example up to that state): the same features, less transient memory, and on CPU within 3% "
+                  "of the whole batch's time or faster (benchmarks/backbone_chunks.py). Only calls whose every "
+                  "tensor argument is (batch, ...) with 2 or more dimensions are cut (not a KV cache, a UNet's "
+                  "timesteps or SDXL's added conditions); a run with `reinject` runs the whole batch; null: the "
+                  "whole batch at once")
+
+
 @dataclass
 class BypassConfig(ConfigBase):
     """Res-Tuning-Bypass: `b_l = lam_l * H_l(x_l) + (1 - lam_l) * V_l(b_{l-1})`, `lam_l = sigmoid(theta_l)`.
@@ -56,17 +75,8 @@ class BypassConfig(ConfigBase):
     taps: str | list[str] | None = option(None, help="override the tapped modules by name (PEFT matching rules), in "
                                           "forward order")
     family: str | None = option(None, help="force an op map (as `family` of restuning)")
-    backbone_batch: int | None = option(None, ge=1, help="run the frozen backbone on at most this many examples "
-                                        "at a time and join their features (the same features, since it runs "
-                                        "without autograd; its transient activations shrink with the chunk); "
-                                        "overrides `backbone_tokens`; null: chunks by `backbone_tokens`")
-    backbone_tokens: int | None = option(BACKBONE_TOKENS, ge=1, help="unless `backbone_batch` is set, run the "
-                                         "frozen backbone on chunks of as many whole examples as hold at most this "
-                                         "many positions of its first tapped state (a sequence's tokens, a map's "
-                                         "H x W; at least one example; the first forward of each input shape runs "
-                                         "one example to count them): the same features, less transient memory, "
-                                         "and on CPU the same time or less (benchmarks/backbone_chunks.py); null: "
-                                         "the whole batch at once; a run with `reinject` runs the whole batch")
+    backbone_batch: int | None = backbone_batch_option()
+    backbone_tokens: int | None = backbone_tokens_option()
     reinject: int = option(0, ge=0, help="late re-injection: the bypass state is added back into the inputs of the "
                            "last `reinject` tapped blocks (`z = x + s (b - x)`, one gate `s` per block, zero at "
                            "init), which then run again with autograd through their activations, never their "

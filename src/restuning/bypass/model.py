@@ -44,7 +44,7 @@ class FrozenBackbone(ParameterReport, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.taps = FeatureTaps(model, plan.points[:needed], first_token_only, calls=calls).attach()
-        self._positions: tuple[tuple, int] | None = None  # (example shapes, positions of x_0) of the last forward
+        self._positions: dict[tuple, int] = {}  # shapes of an example's arguments -> positions of its x_0
 
     @property
     def runner(self) -> nn.Module:
@@ -79,27 +79,46 @@ class FrozenBackbone(ParameterReport, nn.Module):
 
     def features(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """One backbone forward without autograd (through the plan's tower, where it names one): [x_0, x_1, ...]
-        as tapped (channels-first for CNNs), in chunks of examples (`backbone_batch`, `backbone_tokens`)."""
+        as tapped (channels-first for CNNs), in chunks of examples (`backbone_batch`, `backbone_tokens`), each
+        chunk's features copied into the whole batch's as it comes (never all held twice)."""
         runner, batch = self.runner, _batch_size(args, kwargs)
-        size = None if batch is None or batch == 1 else self._chunk_size(args, kwargs, batch)
+        size = self._chunk_size(args, kwargs, batch)
         if size is None or batch <= size:
             return self.taps(lambda: runner(*args, **kwargs))
-        parts = [self.taps(lambda a=a, k=k: runner(*a, **k))
-                 for a, k in (_chunk(args, kwargs, batch, start, size) for start in range(0, batch, size))]
-        return [torch.cat(layer) for layer in zip(*parts, strict=True)]
+        features: list[torch.Tensor] = []
+        for start in range(0, batch, size):
+            a, k = _chunk(args, kwargs, batch, start, size)
+            part = self.taps(lambda a=a, k=k: runner(*a, **k))
+            rows = min(size, batch - start)
+            if any(f.shape[0] != rows for f in part):
+                raise RuntimeError(
+                    f"backbone_batch: a chunk of {rows} examples of the backbone call gave features of "
+                    f"{sorted({f.shape[0] for f in part})} rows: not every argument of the call is split by example "
+                    f"(backbone_batch: null and backbone_tokens: null run the whole batch at once)")
+            if not features:
+                features = [f.new_empty((batch, *f.shape[1:])) for f in part]
+            for whole, f in zip(features, part, strict=True):
+                whole[start:start + rows] = f
+        return features
 
-    def _chunk_size(self, args: tuple, kwargs: dict, batch: int) -> int | None:
-        """Examples per chunk: `backbone_batch`; else as many as hold `backbone_tokens` positions of x_0, counted
-        once per shape of an example by running one example up to the first tap (so the chunks, and with them
-        the float rounding of the features, depend on the inputs' shapes alone)."""
-        if self.backbone_batch is not None or self.backbone_tokens is None:
+    def _chunk_size(self, args: tuple, kwargs: dict, batch: int | None) -> int | None:
+        """Examples per chunk (None: the whole batch): `backbone_batch`; else, for a call whose arguments are all
+        split by example (`_splits_by_example`), as many as hold `backbone_tokens` positions of x_0, counted once
+        per shape of an example by running one example up to the first tap (so a batch of a given shape is
+        always cut, and its features rounded, the same way)."""
+        if batch is None or batch <= 1:
+            return None
+        if self.backbone_batch is not None:
             return self.backbone_batch
+        if self.backbone_tokens is None or not _splits_by_example(args, kwargs, batch):
+            return None
         shapes = _example_shapes(args, kwargs)
-        if self._positions is None or self._positions[0] != shapes:
+        if shapes not in self._positions:
+            if len(self._positions) >= 64:  # bounded, for inputs padded to ever new lengths
+                self._positions.clear()
             a, k = _chunk(args, kwargs, batch, 0, 1)
-            shape = self.taps.first_shape(lambda: self.runner(*a, **k))
-            self._positions = (shapes, _positions(shape, self.plan.layout))
-        return max(1, self.backbone_tokens // self._positions[1])
+            self._positions[shapes] = _positions(self.taps.first_shape(lambda: self.runner(*a, **k)), self.plan.layout)
+        return max(1, self.backbone_tokens // self._positions[shapes])
 
     def features_and_calls(self, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], BlockCalls]:
         """As `features` (in one piece), and the recorded calls of the taps' `calls` blocks."""
@@ -128,6 +147,18 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     """The call's batch: the first dimension of its first tensor argument (None: no tensor argument)."""
     tensors = _batched(args, kwargs)
     return tensors[0].shape[0] if tensors else None
+
+
+def _splits_by_example(args: tuple, kwargs: dict, batch: int) -> bool:
+    """Whether a call can be cut into examples without knowing its arguments' meaning: every tensor argument is
+    a scalar or (batch, ...) with at least 2 dimensions, and nothing else holds tensors. A 1-d tensor may be
+    per example (a UNet's timesteps) or not (GPT-2's position ids); a cache, a dict or a tuple of tensors (SDXL's
+    added conditions, ControlNet's residuals) is not cut here, so such calls run whole."""
+    def plain(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.dim() == 0 or (value.dim() >= 2 and value.shape[0] == batch)
+        return value is None or isinstance(value, (bool, int, float, str))
+    return all(plain(v) for v in (*args, *kwargs.values()))
 
 
 def _example_shapes(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], ...]:
