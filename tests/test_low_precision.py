@@ -269,6 +269,24 @@ def test_int8_convolutions_hold_a_quarter_of_float32_and_compute_close_to_bfloat
     assert (x8.grad - x16.grad).norm() < 0.03 * x16.grad.norm()  # gradients reach the input through int8 weights
 
 
+def test_int8_linear_layers_take_one_scale_per_128_weights_of_a_row_where_the_width_allows():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(256, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        plain.weight[:, 128:] *= 50  # the two halves of every row at very different scales
+    per_channel = _copy(plain)
+    quantize_(per_channel, Int8WeightOnlyConfig())
+    grouped = set_backbone_dtype(torch.nn.Sequential(_copy(plain)), "int8")[0]
+    assert tuple(grouped.weight.scale.shape) == (64, 2) and tuple(per_channel.weight.scale.shape) == (64, 1)
+    error = {name: (layer.weight.dequantize().float() - plain.weight.float())[:, :128].norm().item()
+             for name, layer in (("grouped", grouped), ("per_channel", per_channel))}
+    assert error["grouped"] < 0.1 * error["per_channel"], error  # the small half keeps its own scale
+    narrow = set_backbone_dtype(torch.nn.Sequential(torch.nn.Linear(48, 8)), "int8")[0]
+    assert tuple(narrow.weight.scale.shape) == (8, 1)  # 48 is no multiple of 128: one scale per row
+
+
 @pytest.mark.parametrize("layer", ["linear", "conv", "conv_in_slices"])
 def test_backpropagating_through_an_int8_layer_saves_nothing_and_matches_its_dequantized_weight(layer, monkeypatch):
     import restuning.int8

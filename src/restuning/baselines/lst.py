@@ -19,30 +19,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bypass.config import backbone_batch_option, backbone_tokens_option
 from ..bypass.network import pool
-from ..config import ConfigBase, check_family, option
+from ..config import option
 from ..methods.registry import Method, register_method
-from .side_network import SIDE_POOLINGS, SideNetworkModel, padding_mask, side_block
+from .side_network import SideNetworkModel, SideNetworkOptions, padding_mask, side_block
 
 METHOD = "lst"
 
 
 @dataclass
-class LSTConfig(ConfigBase):
+class LSTConfig(SideNetworkOptions):
     """LST's options."""
 
     num_classes: int = option(2, ge=1, help="size of the linear head; a run sets it from its data")
     reduction: int = option(8, ge=1, help="side width = backbone width / reduction (LST: 8)")
     heads: int = option(4, ge=1, help="attention heads of the side transformer")
     temperature: float = option(0.1, gt=0, help="temperature T of the ladder gates (LST: 0.1)")
-    pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
-    family: str | None = option(None, help="force an op map (as `family` of restuning)")
-    backbone_batch: int | None = backbone_batch_option()
-    backbone_tokens: int | None = backbone_tokens_option()
-
-    def validate(self) -> None:
-        check_family(self.family)
 
 
 class LadderSideTuning(SideNetworkModel):

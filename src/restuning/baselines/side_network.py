@@ -3,17 +3,32 @@ a small side transformer over tokens, and a classification head."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..bypass import BypassConfig, plan_taps
+from ..bypass.config import backbone_batch_option, backbone_tokens_option
 from ..bypass.model import FrozenBackbone
+from ..config import ConfigBase, check_family, option
 from ..errors import ConfigError
 from ..precision import trainable_dtype
 
 SIDE_POOLINGS = ("auto", "cls", "mean")  # a side network reads tokens
+
+
+@dataclass
+class SideNetworkOptions(ConfigBase):
+    """The options every side network has: where it reads the frozen backbone and how that forward runs."""
+
+    pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
+    family: str | None = option(None, help="force an op map (as `family` of restuning)")
+    backbone_batch: int | None = backbone_batch_option()
+    backbone_tokens: int | None = backbone_tokens_option()
+
+    def validate(self) -> None:
+        check_family(self.family)
 
 
 def side_block(width: int, heads: int) -> nn.TransformerEncoderLayer:
@@ -32,8 +47,7 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 class SideNetworkModel(FrozenBackbone):
     """Base of the side-network baselines: taps every layer of a frozen token backbone."""
 
-    def __init__(self, model: nn.Module, config: Any, what: str):
-        """`config`: the method's options, with `pooling`, `family`, `backbone_batch` and `backbone_tokens`."""
+    def __init__(self, model: nn.Module, config: SideNetworkOptions, what: str):
         plan = plan_taps(model, BypassConfig(pooling=config.pooling, family=config.family))
         if plan.layout != "tokens":
             raise ConfigError(f"{what}: the side network reads tokens (B, T, D); this backbone gives feature maps")

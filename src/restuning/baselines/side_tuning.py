@@ -15,17 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bypass.config import backbone_batch_option, backbone_tokens_option
 from ..bypass.network import read_out
-from ..config import ConfigBase, check_family, option
+from ..config import option
 from ..methods.registry import Method, register_method
-from .side_network import SIDE_POOLINGS, SideNetworkModel, padding_mask, side_block
+from .side_network import SideNetworkModel, SideNetworkOptions, padding_mask, side_block
 
 METHOD = "side_tuning"
 
 
 @dataclass
-class SideTuningConfig(ConfigBase):
+class SideTuningConfig(SideNetworkOptions):
     """Side-Tuning's options."""
 
     num_classes: int = option(2, ge=1, help="size of the linear head; a run sets it from its data")
@@ -34,13 +33,6 @@ class SideTuningConfig(ConfigBase):
     heads: int = option(4, ge=1, help="attention heads of the side transformer")
     blend_init: float = option(0.0, help="initial `blend`, `a = sigmoid(blend)` in `a * x_L + (1 - a) * side(x_0)` "
                                "(0: a = 0.5)")
-    pooling: str = option("auto", choices=SIDE_POOLINGS, help="as `pooling` of bypass (`auto`, `cls` or `mean`)")
-    family: str | None = option(None, help="force an op map (as `family` of restuning)")
-    backbone_batch: int | None = backbone_batch_option()
-    backbone_tokens: int | None = backbone_tokens_option()
-
-    def validate(self) -> None:
-        check_family(self.family)
 
 
 class SideTuning(SideNetworkModel):
