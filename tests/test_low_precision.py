@@ -597,3 +597,28 @@ def test_a_safetensors_file_that_does_not_fit_the_model_is_a_clear_error(tmp_pat
     save_file({"emb.weight": torch.randn(5, 4), "ids": torch.arange(5)}, tmp_path / "ids.safetensors")
     with_ids = build_held(WithIds, "bfloat16", SafetensorsWeights(tmp_path / "ids.safetensors"))
     assert torch.equal(with_ids.ids, torch.arange(5))
+
+
+def test_build_held_frees_each_layers_wider_weight_once_it_is_quantized():
+    import gc
+
+    from restuning.precision import build_held
+
+    shape = (37, 32)  # no other test's parameter has it
+
+    def build() -> torch.nn.Module:
+        model = torch.nn.Sequential(*(torch.nn.Linear(shape[1], shape[0]) for _ in range(4)))
+        model.shared = model[0]  # a module registered twice: its parameters are read once
+        return model
+
+    def wide_weights() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.nn.Parameter) and tuple(o.shape) == shape
+                   and o.dtype == torch.bfloat16 and not is_quantized(o))
+
+    def weights(name: str, like: torch.Tensor) -> torch.Tensor:
+        if name == "3.weight":  # the three earlier layers are int8 by now, and their bfloat16 weights freed
+            assert wide_weights() == 0
+        return torch.randn(like.shape, dtype=torch.bfloat16)
+
+    model = build_held(build, "int8", weights)
+    assert all(is_quantized(layer.weight) for layer in model[:4]) and model.shared.weight is model[0].weight

@@ -73,14 +73,20 @@ def build_held(build: Callable[[], nn.Module], dtype: str,
     with init_empty_weights():
         model = build()
     held = torch.float32 if dtype == "float32" else torch.bfloat16
-    made: dict[int, nn.Parameter] = {}  # by the meta parameter: one registered twice is read once
+    # By the meta parameter, where it was made: one registered twice is read once, and takes what its first
+    # module holds now (quantized). Holding the parameters themselves here would keep every wider weight alive
+    # until the end, which is the peak this function exists to avoid.
+    made: dict[int, tuple[nn.Module, str]] = {}
     for i, (prefix, module) in enumerate(model.named_modules()):
         for name, meta in list(module.named_parameters(recurse=False)):
             if id(meta) not in made:
                 value = weights(f"{prefix}.{name}" if prefix else name, meta)
                 value = value.to(held) if value.is_floating_point() else value
-                made[id(meta)] = nn.Parameter(value, requires_grad=False)
-            module._parameters[name] = made[id(meta)]
+                module._parameters[name] = nn.Parameter(value, requires_grad=False)
+                made[id(meta)] = (module, name)
+            else:
+                owner, owned = made[id(meta)]
+                module._parameters[name] = owner._parameters[owned]
         if dtype == "int8" and int8_candidate(module):
             quantize_layer(module)
         if i % 16 == 15:
