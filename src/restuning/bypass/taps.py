@@ -204,32 +204,28 @@ class FeatureTaps:
     def first_shape(self, run: Callable[[], Any]) -> torch.Size:
         """x_0's full shape in the backbone call `run()`, which stops there (only the modules before the first
         tap run, without autograd)."""
-        if not self.handles:
-            raise RuntimeError("FeatureTaps are not attached")
-        self._record = {"probe": True}
-        try:
-            with torch.no_grad():
-                run()
-        except _Done:
-            pass
-        finally:
-            record, self._record = self._record, None
+        record = self._recorded(run, {"probe": True}, grad=False)
         if "" not in record:
             raise RuntimeError(f"the backbone call did not run the first tapped module {self.points[0]!r}")
         return record[""]
 
-    def with_calls(self, run: Callable[[], Any]) -> tuple[list[torch.Tensor], BlockCalls]:
-        """As calling the taps, and the recorded calls of the `calls` modules, to run them again (`BlockCalls`)."""
+    def _recorded(self, run: Callable[[], Any], record: dict[str, Any], grad: bool) -> dict[str, Any]:
+        """What the hooks record into `record` during `run()`, with autograd if `grad`, until the last tap needed."""
         if not self.handles:
             raise RuntimeError("FeatureTaps are not attached")
-        self._record = {}
+        self._record = record
         try:
-            with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(grad):
                 run()
         except _Done:
             pass
         finally:
-            record, self._record = self._record, None
+            self._record = None
+        return record
+
+    def with_calls(self, run: Callable[[], Any]) -> tuple[list[torch.Tensor], BlockCalls]:
+        """As calling the taps, and the recorded calls of the `calls` modules, to run them again (`BlockCalls`)."""
+        record = self._recorded(run, {}, grad=self.grad and torch.is_grad_enabled())
         missing = [n for n in ("", *self.points) if n not in record] + [n for n in self.calls
                                                                         if "call:" + n not in record]
         if missing:
