@@ -7,11 +7,13 @@ fused where torch has it), seed and batches:
   runs on every token.
 - `vit`: a ViT-B/16 (random weights; time does not depend on them) on --images random 224 px images,
   10 classes; CLS pooling, so the bypass runs (exactly) on the CLS token and the cache holds only it.
-The two runs are interleaved step by step (one recomputing step, then one cached step on the same batch), so
-both see the same machine; a step is timed in process CPU time (`time.process_time`: every thread's, so
+A third run trains from the same cache with the bypass read out step by step (`BypassTask.pooled_form = False`:
+every full-width b_l made, as before the pooled form of restuning/bypass/pooled.py), to show what that form buys.
+The runs are interleaved step by step (one recomputing step, then the cached steps on the same batch), so all
+see the same machine; a step is timed in process CPU time (`time.process_time`: every thread's, so
 other processes on the machine do not count), from the batch's gather (cache) or backbone forward to the
 optimizer step. The cache is built once, timed apart. `speedup` = median recomputing step / median cached
-step; the losses of the two runs are compared too. The cached step's matrix-product FLOPs (forward and
+step; the losses of the runs are compared too. The cached step's matrix-product FLOPs (forward and
 backward, `torch.utils.flop_counter`) over its median time give its achieved GFLOP/s, printed beside a
 square GEMM of the same FLOPs timed the same way in the same run.
 
@@ -67,9 +69,10 @@ SETTINGS = {"minilm": _minilm, "vit": _vit}
 class Run:
     """One of the two runs of a setting: its model, optimizer, step times (CPU seconds) and losses."""
 
-    def __init__(self, build: Callable[[], nn.Module], num_classes: int, compile_task: bool):
+    def __init__(self, build: Callable[[], nn.Module], num_classes: int, compile_task: bool, pooled_form: bool = True):
         torch.manual_seed(0)
         self.model = restuning.get_restuning_model(build().eval(), BypassConfig(num_classes=num_classes))
+        self.model.task.pooled_form = pooled_form
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw(params, lr=1e-3, weight_decay=0.05)
         self.implementation = adamw_implementation(params)
@@ -99,6 +102,12 @@ def step_flops(run: Run, stored, index: torch.Tensor, labels: torch.Tensor) -> i
     return counter.get_total_flops()
 
 
+def _pooled(run: Run, stored) -> bool:
+    """Whether the run's task reads the bypass out in its pooled form (`BypassTask.reads_pooled`)."""
+    task = run.model.task
+    return task.reads_pooled(task.chosen(stored.batch(torch.arange(1))[0]), run.model.final_norm)
+
+
 def square_gemm(flops: int, repeats: int = 30) -> tuple[int, float]:
     """(n, median CPU seconds) of an (n, n) x (n, n) float32 product of about `flops` (2 n^3) FLOPs."""
     n = max(8, round((flops / 2) ** (1 / 3)))
@@ -116,6 +125,8 @@ def measure(build: Callable[[], nn.Module], inputs: dict, labels: torch.Tensor, 
             compile_task: bool) -> dict:
     classes = int(labels.max()) + 1
     recompute, cached = Run(build, classes, False), Run(build, classes, compile_task)
+    # The same cached run with the bypass read out step by step (full-width b_l), as before the pooled form.
+    stepwise = Run(build, classes, compile_task, pooled_form=False)
     start = time.process_time()
     stored = FeatureCache().get(cached.model, inputs)
     build_seconds = time.process_time() - start
@@ -124,7 +135,8 @@ def measure(build: Callable[[], nn.Module], inputs: dict, labels: torch.Tensor, 
         for index in torch.randperm(len(labels), generator=order).split(batch):
             recompute.step(lambda index=index: recompute.model(**{k: v[index] for k, v in inputs.items()}),
                            labels[index])
-            cached.step(lambda index=index: cached.model.forward_features(*stored.batch(index)), labels[index])
+            for run in (cached, stepwise):
+                run.step(lambda run=run, index=index: run.model.forward_features(*stored.batch(index)), labels[index])
     full = torch.arange(min(batch, len(labels)))
     flops = step_flops(cached, stored, full, labels)
     n, gemm_seconds = square_gemm(flops)
@@ -135,9 +147,14 @@ def measure(build: Callable[[], nn.Module], inputs: dict, labels: torch.Tensor, 
                    "cache_bytes": sum(f.numel() * f.element_size() for f in stored.features),
                    "first_token_only": cached.model.task.first_token_only,
                    "compiled": None if cached.compiled is None else cached.compiled.compiled},
+        "cached_step_by_step": {"step_seconds": stepwise.seconds, "losses": stepwise.losses,
+                                "pooled_form": _pooled(stepwise, stored)},
+        "pooled_form": _pooled(cached, stored),
         "optimizer": cached.implementation,
         "speedup": median(recompute.seconds) / cached_step,
-        "max_loss_difference": max(abs(a - b) for a, b in zip(recompute.losses, cached.losses, strict=True)),
+        "speedup_step_by_step": median(recompute.seconds) / median(stepwise.seconds),
+        "max_loss_difference": max(abs(a - b) for run in (cached, stepwise)
+                                   for a, b in zip(recompute.losses, run.losses, strict=True)),
         "step_gflop": flops / 1e9, "step_gflops_per_cpu_second": flops / 1e9 / cached_step,
         "square_gemm": {"n": n, "cpu_seconds": gemm_seconds, "gflops_per_cpu_second": 2 * n**3 / 1e9 / gemm_seconds},
     }
@@ -162,10 +179,12 @@ def main() -> None:
                                                             args.compile)}
 
     print(f"bypass training steps, batch {args.batch}, {args.epochs} epochs, interleaved, process CPU time, medians")
-    table(("setting", "examples", "recompute step ms", "cached step ms", "speedup", "cache build s", "cache MiB",
+    table(("setting", "examples", "recompute step ms", "cached step ms", "speedup", "pooled form",
+           "step by step ms", "its speedup", "cache build s", "cache MiB",
            "step GFLOP", "step GFLOP/s", "square GEMM GFLOP/s (n)", "of GEMM", "max |loss diff|"), [
         (name, r["examples"], f"{1e3 * median(r['recompute']['step_seconds']):.1f}",
-         f"{1e3 * median(r['cached']['step_seconds']):.2f}", f"{r['speedup']:.1f}x",
+         f"{1e3 * median(r['cached']['step_seconds']):.2f}", f"{r['speedup']:.1f}x", r["pooled_form"],
+         f"{1e3 * median(r['cached_step_by_step']['step_seconds']):.2f}", f"{r['speedup_step_by_step']:.1f}x",
          f"{r['cached']['build_seconds']:.2f}", f"{r['cached']['cache_bytes'] / 2**20:.1f}",
          f"{r['step_gflop']:.3f}", f"{r['step_gflops_per_cpu_second']:.1f}",
          f"{r['square_gemm']['gflops_per_cpu_second']:.1f} ({r['square_gemm']['n']})",

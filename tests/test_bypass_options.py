@@ -395,6 +395,7 @@ def test_reinjection_keeps_the_activations_of_the_rerun_blocks_only(model_name):
         torch.manual_seed(0)
         model = restuning.get_restuning_model(case.model(depth=depth), BypassConfig(num_classes=3, reinject=k,
                                                                                    pooling="mean"))
+        model.task.pooled_form = False  # step by step with or without re-injection (the pooled form keeps less)
         model.train()
         with SavedTensorMeter(model.parameters()) as meter:
             loss = model(**case.inputs()).sum()

@@ -4,6 +4,7 @@ bypass trained from cached features does not recompute, and `torch.compile` of t
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -21,22 +22,26 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 @pytest.mark.parametrize("shape", [(64, 10), (4, 16, 10), (2, 3, 5, 10)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_skinny_linear_equals_the_plain_linear_forward_and_backward(shape, bias):
+    # In float64, so that what is compared is the formulas: in float32 the two backward products may run
+    # through different BLAS kernels, whose rounding differs by about 1e-6 on some machines.
+    exact = dict(atol=1e-12, rtol=1e-12)
     torch.manual_seed(0)
-    plain = nn.Linear(10, 48, bias=bias)
-    skinny = SkinnyLinear(10, 48, bias=bias)
+    plain = nn.Linear(10, 48, bias=bias).double()
+    skinny = SkinnyLinear(10, 48, bias=bias).double()
     skinny.load_state_dict(plain.state_dict())
-    h = torch.randn(shape)
+    h = torch.randn(shape, dtype=torch.float64)
     h_plain, h_skinny = h.clone().requires_grad_(), h.clone().requires_grad_()
-    g = torch.randn(*shape[:-1], 48)
+    g = torch.randn(*shape[:-1], 48, dtype=torch.float64)
     y_plain, y_skinny = plain(h_plain), skinny(h_skinny)
-    torch.testing.assert_close(y_skinny, y_plain, **TOL)
+    torch.testing.assert_close(y_skinny, y_plain, **exact)
     (y_plain * g).sum().backward()
     (y_skinny * g).sum().backward()
-    torch.testing.assert_close(h_skinny.grad, h_plain.grad, **TOL)
-    torch.testing.assert_close(skinny.weight.grad, plain.weight.grad, **TOL)
+    assert "Skinny" in y_skinny.grad_fn.name()
+    torch.testing.assert_close(h_skinny.grad, h_plain.grad, **exact)
+    torch.testing.assert_close(skinny.weight.grad, plain.weight.grad, **exact)
     assert skinny.weight.grad.shape == (48, 10) and skinny.weight.grad.is_contiguous()
     if bias:
-        torch.testing.assert_close(skinny.bias.grad, plain.bias.grad, **TOL)
+        torch.testing.assert_close(skinny.bias.grad, plain.bias.grad, **exact)
     assert skinny.state_dict().keys() == plain.state_dict().keys()
 
 
@@ -79,11 +84,11 @@ def test_adamw_is_fused_on_cpu_and_takes_the_same_steps():
             torch.testing.assert_close(a, b, **TOL)
 
 
-def _mean_bypass():
+def _mean_bypass(**config):
     torch.manual_seed(0)
     model = CASES["bert"].model()
     torch.manual_seed(1)
-    tuned = restuning.get_restuning_model(model, BypassConfig(num_classes=3))
+    tuned = restuning.get_restuning_model(model, BypassConfig(num_classes=3, **config))
     with torch.no_grad():
         for p in tuned.task.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -108,6 +113,7 @@ def test_cached_features_do_not_recompute_and_give_the_same_gradients():
     grads = {}
     for source in ("live", "cached"):
         model = _mean_bypass()
+        model.task.pooled_form = False  # step by step, which recomputes live (the pooled form never needs to)
         assert model.bypass_config.recompute and not model.task.first_token_only
         calls = _count_steps(model)
         if source == "live":
@@ -158,11 +164,11 @@ def test_a_compiled_task_equals_the_eager_one():
 # The fused bypass step (restuning/bypass/fused.py) against the plain step it replaces.
 
 
-def _networks(dtype: torch.dtype, **config):
+def _networks(dtype: torch.dtype, width: int = 16, **config):
     from restuning.bypass.network import BypassNetwork
 
     torch.manual_seed(0)
-    fused = BypassNetwork([16] * 5, BypassConfig(**config), "tokens").to(dtype)
+    fused = BypassNetwork([width] * 5, BypassConfig(**config), "tokens").to(dtype)
     for p in fused.parameters():  # away from the zero init, so every term of the step counts
         torch.nn.init.normal_(p, std=0.3)
     plain = copy.deepcopy(fused)
@@ -217,3 +223,136 @@ def test_the_fused_step_keeps_the_bypass_state_trainable_under_autocast_by_falli
         out_f, out_p = fused(features, recompute=False), plain(features, recompute=False)
     assert "_FusedStep" not in type(out_f.grad_fn).__name__
     torch.testing.assert_close(out_f, out_p)
+
+
+# The pooled form (restuning/bypass/pooled.py) against the step-by-step bypass it reads out.
+
+POOLINGS = [("mean", True), ("mean", False), ("avg", False), ("cls", False), ("last", True), ("last", False)]
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.ones(3, 7)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    return mask
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, dict(atol=1e-12, rtol=1e-12)),
+                                        (torch.float32, dict(atol=1e-5, rtol=1e-5))])
+@pytest.mark.parametrize("how, masked", POOLINGS)
+def test_the_pooled_form_equals_pooling_the_step_by_step_bypass(dtype, tol, how, masked):
+    from restuning.bypass.pooling import LinearPool
+
+    net, _ = _networks(dtype, width=128, horizontal={"name": "res_adapter", "dim": 3},
+                       vertical={"name": "res_adapter", "dim": 5})
+    features = [torch.randn(3, 7, 128, dtype=dtype, requires_grad=True) for _ in range(5)]
+    assert net.pooled_form_applies(features)
+    pool = LinearPool(how, _mask() if masked else None, dtype)
+    step_by_step, pooled = pool(net(features, recompute=False)), net.pooled(features, pool)
+    torch.testing.assert_close(pooled, step_by_step, **tol)
+    grad = torch.randn_like(pooled)
+    inputs = [*net.parameters(), *features]
+    for a, b, name in zip(torch.autograd.grad(pooled, inputs, grad), torch.autograd.grad(step_by_step, inputs, grad),
+                          [n for n, _ in net.named_parameters()] + [f"x_{i}" for i in range(5)], strict=True):
+        assert b.abs().sum() > 0 or name.startswith("x_"), name
+        # Float rounding of sums reordered: bounded by the tensor's largest entry, not each entry's own size.
+        torch.testing.assert_close(a, b, atol=tol["atol"] * b.abs().max().item(), rtol=tol["rtol"],
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("how, masked", POOLINGS)
+def test_a_linear_pool_transpose_is_its_adjoint(how, masked):
+    from restuning.bypass.pooling import LinearPool
+
+    pool = LinearPool(how, _mask() if masked else None, torch.float64)
+    b, g = torch.randn(3, 7, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(pool(b), b, g)
+    torch.testing.assert_close(pool.transpose(g, b.shape), expected, atol=1e-12, rtol=0)
+
+
+def test_the_task_reads_the_pooled_form_where_its_read_out_is_linear_and_trains_the_same():
+    inputs, target = CASES["bert"].inputs(), torch.tensor([0, 2])
+    runs = {}
+    small = {"name": "res_adapter", "dim": 1}  # ranks small beside the width of 32: the pooled form keeps less
+    for pooled in (True, False):
+        model = _mean_bypass(horizontal=small, vertical=small)
+        model.task.pooled_form = pooled
+        features, mask = FeatureCache().get(model, inputs).batch(torch.arange(2))
+        assert model.task.reads_pooled(model.task.chosen(features), model.final_norm) is pooled
+        calls = _count_steps(model)
+        logits = model(features=features, attention_mask=mask)
+        nn.functional.cross_entropy(logits, target).backward()
+        assert calls[0] == (0 if pooled else len(model.task.layers))  # no b_l is made in the pooled form
+        runs[pooled] = logits, {n: p.grad for n, p in model.task.named_parameters()}
+    torch.testing.assert_close(runs[True][0], runs[False][0], **TOL)
+    for name, grad in runs[False][1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(runs[True][1][name], grad, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("config", [dict(pooling="attention"), dict(horizontal="lora"),
+                                    dict(combine="softmax", vertical=None),
+                                    dict(vertical={"name": "res_adapter", "options": {"act": "relu"}})])
+def test_the_pooled_form_is_not_taken_where_it_would_not_be_exact(config):
+    torch.manual_seed(0)
+    model = restuning.get_restuning_model(CASES["bert"].model(), BypassConfig(num_classes=3, **config))
+    features, _ = FeatureCache().get(model, CASES["bert"].inputs()).batch(torch.arange(2))
+    assert not model.task.reads_pooled(model.task.chosen(features), model.final_norm)
+
+
+def test_the_pooled_form_is_not_taken_under_autocast_or_with_the_final_norm_before_pooling():
+    small = {"name": "res_adapter", "dim": 1}
+    model = _mean_bypass(horizontal=small, vertical=small)
+    features, _ = FeatureCache().get(model, CASES["bert"].inputs()).batch(torch.arange(2))
+    chosen = model.task.chosen(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model.task.reads_pooled(chosen, model.final_norm)
+    norm = nn.LayerNorm(chosen[0].shape[-1])
+    model.task.uses_final_norm = True
+    assert not model.task.reads_pooled(chosen, norm)  # BERT's plan pools after no norm; a norm before is nonlinear
+    model.task.plan = dataclasses.replace(model.task.plan, norm_after_pool=True)
+    assert model.task.reads_pooled(chosen, norm)
+
+
+def test_the_pooled_form_keeps_low_precision_features_as_they_are():
+    """What autograd saves for backward: the bfloat16 features themselves, no float32 copy of any of them."""
+    from restuning.bypass.pooling import LinearPool
+
+    net, _ = _networks(torch.float32, width=64, horizontal={"name": "res_adapter", "dim": 3},
+                       vertical={"name": "res_adapter", "dim": 5})
+    features = [torch.randn(4, 16, 64).to(torch.bfloat16) for _ in range(5)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        net.pooled(features, LinearPool("cls")).sum().backward()  # cls: a pooled view must not keep a cast
+    feature_sized = [t for t in saved if t.untyped_storage().nbytes() >= 4 * 16 * 64 * 2]
+    assert len(feature_sized) >= 5 and all(t.dtype == torch.bfloat16 for t in feature_sized), [
+        (t.dtype, tuple(t.shape)) for t in feature_sized]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+@pytest.mark.parametrize("width, ranks, depth", [(64, (5, 3), 4), (48, (4, 4), 6), (32, (10, 10), 2),
+                                                 (64, (3, 3), 3)])
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_the_pooled_form_is_chosen_where_it_keeps_less_than_the_steps(width, ranks, depth, tokens):
+    """`kept_per_row` is what autograd keeps, and the choice follows what is measured."""
+    from restuning.bypass.network import BypassNetwork
+    from restuning.bypass.pooled import kept_per_row
+    from restuning.bypass.pooling import LinearPool
+    from restuning.memory import SavedTensorMeter
+
+    config = BypassConfig(vertical={"name": "res_adapter", "dim": ranks[0]},
+                          horizontal={"name": "res_adapter", "dim": ranks[1]})
+    net = BypassNetwork([width] * (depth + 1), config, "tokens")
+
+    def kept(examples: int, pooled: bool) -> int:
+        features = [torch.randn(examples, tokens, width) for _ in range(depth + 1)]
+        with SavedTensorMeter([*net.parameters(), *features]) as meter:
+            net.pooled(features, LinearPool("avg")) if pooled else LinearPool("avg")(net(features))
+        return meter.bytes
+
+    per_row = {pooled: (kept(32, pooled) - kept(16, pooled)) / (16 * tokens * 4) for pooled in (True, False)}
+    estimate = kept_per_row([ranks[0]] * depth, [ranks[1]] * depth, width, tokens)
+    assert estimate == pytest.approx(per_row[True], rel=0.01), (estimate, per_row)
+    assert per_row[False] == (depth - 1) * width  # the checkpointed steps' states b_1 ... b_{L-1}
+    applies = net.pooled_form_applies([torch.randn(2, tokens, width)] * (depth + 1))
+    assert applies is (estimate <= per_row[False]), (estimate, per_row)

@@ -218,12 +218,15 @@ def test_the_feature_cache_key_includes_the_backbone_dtype_and_keeps_low_precisi
     assert store.status == "rebuilt"
 
 
-def _saved_bytes(dtype: str) -> tuple[int, int]:
+def _saved_bytes(dtype: str, pooled_form: bool) -> tuple[int, int]:
     """Bytes autograd saves in a live bypass forward (recompute on), and those of its tapped features."""
     case = CASES["bert"]
     base = _held(dtype, case) if dtype != "float32" else case.model()
-    model = restuning.get_restuning_model(base, BypassConfig(num_classes=2))
+    small = {"name": "res_adapter", "dim": 1}  # ranks small beside the width of 32: the pooled form keeps less
+    model = restuning.get_restuning_model(base, BypassConfig(num_classes=2, horizontal=small, vertical=small))
+    model.task.pooled_form = pooled_form
     features = model.features(**case.inputs())
+    assert model.task.reads_pooled(model.task.chosen(features), model.final_norm) is pooled_form
     with SavedTensorMeter(model.parameters()) as meter:
         loss = model.forward_live(features, case.inputs()["attention_mask"]).sum()
     loss.backward()
@@ -231,11 +234,15 @@ def _saved_bytes(dtype: str) -> tuple[int, int]:
 
 
 def test_the_bypass_keeps_a_low_precision_backbone_taps_in_low_precision_for_backward():
-    saved32, taps32 = _saved_bytes("float32")
-    saved16, taps16 = _saved_bytes("bfloat16")
+    saved32, taps32 = _saved_bytes("float32", pooled_form=False)
+    saved16, taps16 = _saved_bytes("bfloat16", pooled_form=False)
     assert taps16 * 2 == taps32
     # Each checkpointed step keeps its x_l (bfloat16 here, not a float32 copy) and the float32 state b_{l-1}.
     assert saved16 <= 0.8 * saved32, (saved16, saved32)
+    # The pooled form keeps every tap once, as it is, and the same float32 projections whatever the taps' dtype.
+    pooled32, _ = _saved_bytes("float32", pooled_form=True)
+    pooled16, _ = _saved_bytes("bfloat16", pooled_form=True)
+    assert pooled32 - pooled16 == taps32 - taps16, (pooled32, pooled16, taps32, taps16)
 
 
 def test_parameter_bytes_count_the_packed_int8_weights():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bypass.network import pool
+from ..bypass.pooling import pool
 from ..config import option
 from ..methods.registry import Method, register_method
 from .side_network import SideNetworkModel, SideNetworkOptions, padding_mask, side_block

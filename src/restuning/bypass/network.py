@@ -21,6 +21,8 @@ from ..spatial import resample
 from ..tuners import OpContext, ResTuner, build_tuner
 from .config import BypassConfig
 from .fused import fusable, fused_step
+from .pooled import kept_per_row, pooled_bypass
+from .pooling import LinearPool, pool
 from .taps import TapPlan, is_unet, plan_taps
 
 
@@ -160,6 +162,27 @@ class BypassNetwork(nn.Module):
         v = self.vertical[i](b, like=x).to(h.dtype)  # under autocast a projection may change the dtype
         return torch.lerp(v, h, torch.sigmoid(theta[i]).to(h.dtype))  # (1 - lam) V + lam H
 
+    def pooled_form_applies(self, features: list[torch.Tensor]) -> bool:
+        """Whether `pooled` computes this bypass on `features` (gates, every step two plain Res-Adapters, one
+        shape for every layer, no re-injection, no autocast) and keeps less for backward than the checkpointed
+        steps would: its (N, r)-wide projections grow with depth times rank (and it keeps a (D,) vector per
+        example and step), the steps' states with depth times width; so a bypass on the CLS token alone, one
+        position, runs step by step."""
+        if not (self.combine == "gates" and not self.reinject and len(self.fused) == len(features) - 1
+                and all(self.fused) and all(f.shape == features[0].shape for f in features)
+                and not torch.is_autocast_enabled(features[0].device.type)):
+            return False
+        width, positions = features[0].shape[-1], features[0].shape[1:-1].numel()
+        kept = kept_per_row([v.residual.tuner.down.out_features for v in self.vertical],
+                            [h.tuner.down.out_features for h in self.horizontal], width, positions)
+        return kept <= (len(self.vertical) - 1) * width
+
+    def pooled(self, features: list[torch.Tensor], pool: LinearPool) -> torch.Tensor:
+        """pool(b_L), (B, D), without materialising any b_l
+        (`restuning.bypass.pooled`; only where `pooled_form_applies`). features: as `forward`."""
+        return pooled_bypass(features, self.gates, [h.tuner for h in self.horizontal],
+                             [v.residual.tuner for v in self.vertical], pool)
+
     @property
     def position_wise(self) -> bool:
         """True when every step maps each position on its own (no resampling, position-wise tuners)."""
@@ -180,6 +203,9 @@ class BypassTask(nn.Module):
     """
 
     checkpoint_method = "restuning_bypass"
+    # Read a bypass of plain Res-Adapters out through `BypassNetwork.pooled` where the read-out is linear
+    # (False: always step by step, e.g. to measure the difference).
+    pooled_form = True
 
     @classmethod
     def plan_for(cls, model: nn.Module, config: BypassConfig) -> TapPlan:
@@ -228,15 +254,32 @@ class BypassTask(nn.Module):
         as `BypassNetwork.forward`; `blocks(name, hidden)`: the frozen block `name` run again on `hidden` (a
         `BlockCalls` of this forward), for `reinjected`. Returns logits (B, num_classes), or the pooled final
         state (B, width) without a head."""
-        chosen = [features[0], *(features[i + 1] for i in self.layers)]
-        if self.first_token_only:
-            chosen = [f[:, :1] for f in chosen]
-        if self.plan.layout == "map":
-            chosen = [f.movedim(1, -1) for f in chosen]
+        chosen = self.chosen(features)
+        if self.reads_pooled(chosen, final_norm):  # the same numbers, without any full-width b_l
+            pooled = self.bypass.pooled(chosen, LinearPool(self.plan.pooling, attention_mask, self.bypass.mixing.dtype))
+            if final_norm is not None and self.uses_final_norm:
+                pooled = run_frozen(final_norm, pooled)
+            return self.head(pooled)
         rerun = None if blocks is None else (lambda i, z: blocks(self.plan.points[i], z))
         b = self.bypass(chosen, recompute, rerun)
         return self.head(read_out(b, self.plan, attention_mask, final_norm if self.uses_final_norm else None,
                                   self.attention_pool))
+
+    def chosen(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[x_0, x_l for l in `layers`] of the tapped features, as the bypass reads them: the first token alone
+        where `first_token_only`, maps channels-last."""
+        chosen = [features[0], *(features[i + 1] for i in self.layers)]
+        if self.first_token_only:
+            chosen = [f[:, :1] for f in chosen]
+        return [f.movedim(1, -1) for f in chosen] if self.plan.layout == "map" else chosen
+
+    def reads_pooled(self, chosen: list[torch.Tensor], final_norm: nn.Module | None) -> bool:
+        """Whether `forward` reads the bypass out through `BypassNetwork.pooled` on `chosen` features: the
+        read-out is linear in b_L (a pooling of positions, the final norm, if any, after it), the bypass has the
+        pooled form, and `pooled_form` is on."""
+        norm_first = final_norm is not None and self.uses_final_norm and not self.plan.norm_after_pool
+        return (self.pooled_form and self.plan.pooling in ("mean", "avg", "cls", "last") and not norm_first
+                and self.bypass.pooled_form_applies(chosen))
 
 
 def read_out(b: torch.Tensor, plan: TapPlan, attention_mask: torch.Tensor | None = None,
@@ -271,23 +314,3 @@ class AttentionPool(nn.Module):
         if attention_mask is not None:
             scores = scores.masked_fill(attention_mask.to(b.device) == 0, float("-inf"))
         return (torch.softmax(scores, dim=1).unsqueeze(-1) * b).sum(1)
-
-
-def pool(b: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, D) or channels-last (B, H, W, C) -> (B, D)."""
-    if how == "cls":
-        return b[:, 0]
-    if how == "avg":
-        return b.flatten(1, -2).mean(1)
-    if how == "mean":
-        if attention_mask is None:
-            return b.flatten(1, -2).mean(1)  # a map's positions, or the tokens
-        weights = attention_mask.to(b.dtype).unsqueeze(-1)
-        return (b * weights).sum(1) / weights.sum(1).clamp_min(1)
-    if how == "last":
-        if attention_mask is None:
-            return b[:, -1]
-        positions = torch.arange(b.shape[1], device=b.device)
-        last = (attention_mask.to(b.device).long() * (positions + 1)).argmax(1)  # the last position whose mask is 1
-        return b[torch.arange(b.shape[0], device=b.device), last]
-    raise ValueError(f"pooling: expected cls, mean, avg or last, got {how!r}")

@@ -327,9 +327,9 @@ class ShardedFeatures:
             local = index[rows] - k * m.shard_examples
             shard = self._shard(k)
             for target, source in zip(out, shard.features, strict=True):
-                target[rows] = source.index_select(0, local)
+                target.index_copy_(0, rows, source.index_select(0, local))
             if mask is not None:
-                mask[rows] = shard.mask.index_select(0, local)
+                mask.index_copy_(0, rows, shard.mask.index_select(0, local))
         return out, mask
 
     @property

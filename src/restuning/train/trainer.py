@@ -115,7 +115,7 @@ class Trainer(TrainingLoop):
             g = torch.Generator().manual_seed(hash((self.config.seed, epoch, batch)) % 2**31)
             crops = random_resized_crop(self.inputs["images"][index], self.config.data.image_size, g)
             return {self.backbone.input_name: self.backbone.prepare(crops)}
-        return {k: v[index] for k, v in self.inputs.items()}
+        return {k: v.index_select(0, index) for k, v in self.inputs.items()}
 
     def _feature_cache(self):
         if not self.method.reads_frozen_backbone or self.config.data.augment or not self.config.feature_cache:
