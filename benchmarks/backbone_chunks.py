@@ -3,9 +3,10 @@
 The frozen backbone runs without autograd, so its chunks give the whole batch's features while its transient
 activations shrink with the chunk (benchmarks/memory.py measures the peaks). This measures what the chunks
 cost in time: `model.features(**inputs)` of a bypass model (mean pooling, so every token is tapped) for each
-`backbone_tokens` bound, the bounds interleaved call by call in one process (so each sees the same machine),
-timed in process CPU time (every thread's; other processes do not count), medians of --repeats after one
-warm-up round. Settings (random weights: time does not depend on them; batch 32):
+`backbone_tokens` bound, with and without handing the freed host memory back after each chunk
+(`release_host_memory`: `restuning.precision.release_freed_memory`), all interleaved call by call in one
+process (so each sees the same machine), timed in process CPU time (every thread's; other processes do not
+count), medians of --repeats after one warm-up round. Settings (random weights: time does not depend on them; batch 32):
 - `vit_bf16`, `vit_fp32`: ViT-B/16 at 224 px (197 tokens an image), held in bfloat16 / float32.
 - `minilm_32`, `minilm_128`: the shipped all-MiniLM-L6-v2 on random token ids, 32 / 128 tokens.
 - `resnet50`: transformers' ResNet-50 at 224 px (x_0, the stem's output, is 56 x 56 positions).
@@ -81,27 +82,30 @@ def measure(name: str, batch: int, repeats: int) -> dict:
     model = restuning.get_restuning_model(backbone, BypassConfig(num_classes=10, pooling="mean"))
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and dtype != "float32" else v
               for k, v in make_inputs(batch).items()}
-    times: dict[int | None, list[float]] = {bound: [] for bound in BOUNDS}
+    variants = [(bound, release) for bound in BOUNDS for release in (True, False)]
+    times: dict[tuple, list[float]] = {v: [] for v in variants}
     chunks: dict[int | None, list[int]] = {}
     calls: list[int] = []  # the batch of each backbone call
     model.base_model.register_forward_pre_hook(
         lambda m, a, k: calls.append(len(next(iter(k.values())) if k else a[0])), with_kwargs=True)
     for round_ in range(repeats + 1):  # round 0 warms up (and counts an example's positions, once)
-        for bound in BOUNDS:
-            model.backbone_tokens = bound
+        for bound, release in variants:
+            model.backbone_tokens, model.release_host_memory = bound, release
             del calls[:]
             start = time.process_time()
             x_0 = model.features(**inputs)[0]
             if round_:
-                times[bound].append(time.process_time() - start)
+                times[bound, release].append(time.process_time() - start)
                 chunks[bound] = list(calls)
     positions = x_0[0, :, 0].numel() if model.plan.layout == "tokens" else x_0[0, 0].numel()
-    whole = median(times[None])
+    whole = {release: median(times[None, release]) for release in (True, False)}
     return {"dtype": dtype, "batch": batch, "positions_per_example": positions, "rows": [
-        {"backbone_tokens": bound, "examples_per_chunk": max(chunks[bound]), "chunks": len(chunks[bound]),
-         "cpu_seconds": times[bound],
-         "median_cpu_seconds": median(times[bound]), "ratio_to_whole_batch": median(times[bound]) / whole}
-        for bound in BOUNDS]}
+        {"backbone_tokens": bound, "release_host_memory": release, "examples_per_chunk": max(chunks[bound]),
+         "chunks": len(chunks[bound]), "cpu_seconds": times[bound, release],
+         "median_cpu_seconds": median(times[bound, release]),
+         "ratio_to_whole_batch": median(times[bound, release]) / whole[release],
+         "ratio_to_keeping_freed": median(times[bound, release]) / median(times[bound, False])}
+        for bound, release in variants]}
 
 
 def main() -> None:
@@ -115,9 +119,11 @@ def main() -> None:
     results = {name: measure(name, args.batch, args.repeats) for name in args.settings}
     print(f"frozen no-grad forward, batch {args.batch}, bounds interleaved, process CPU time, medians of "
           f"{args.repeats}")
-    table(("setting", "dtype", "positions/example", "backbone_tokens", "examples/chunk", "CPU s", "ratio to whole"),
+    table(("setting", "dtype", "positions/example", "backbone_tokens", "examples/chunk", "hands freed memory back",
+           "CPU s", "ratio to whole", "ratio to keeping it"),
           [(name, r["dtype"], r["positions_per_example"], row["backbone_tokens"] or "whole batch",
-            row["examples_per_chunk"], f"{row['median_cpu_seconds']:.3f}", f"{row['ratio_to_whole_batch']:.2f}")
+            row["examples_per_chunk"], row["release_host_memory"], f"{row['median_cpu_seconds']:.3f}",
+            f"{row['ratio_to_whole_batch']:.2f}", f"{row['ratio_to_keeping_freed']:.2f}")
            for name, r in results.items() for row in r["rows"]])
     meta = {"batch": args.batch, "repeats": args.repeats, "clock": "process_time", "interleaved": True, **machine()}
     write_json(args.json, {"meta": meta, "method": "bypass", "settings": results})

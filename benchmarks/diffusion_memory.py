@@ -40,7 +40,8 @@ import torch
 from _report import machine, median, table, write_json
 from torch import nn
 
-METHODS = ("full", "peft_lora", "restuning", "bypass")
+# `bypass_keep_freed`: the bypass without handing freed host memory back after the frozen forward.
+METHODS = ("full", "peft_lora", "restuning", "bypass", "bypass_keep_freed")
 PRECISIONS = ("fp32", "bf16")
 SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -78,7 +79,14 @@ def build(method: str, config: str, device: str, precision: str, backbone_dtype:
         torch.set_default_dtype(torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32)
         unet = UNet2DConditionModel(**CONFIGS[config]["unet"]).to(device)
         torch.set_default_dtype(torch.float32)
-    return upcast_trainable(build_denoiser(method, unet, {}))  # the registry's defaults, as diffusion-train
+    from restuning.bypass.model import FrozenBackbone
+
+    keep_freed = method == "bypass_keep_freed"
+    model = upcast_trainable(build_denoiser("bypass" if keep_freed else method, unet, {}))  # as diffusion-train
+    for module in model.modules():
+        if isinstance(module, FrozenBackbone):
+            module.release_host_memory = not keep_freed
+    return model
 
 
 def predict(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

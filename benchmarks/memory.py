@@ -40,6 +40,7 @@ METHODS = {
     "restuning": ("restuning", {}),
     "bypass": ("bypass", {}),
     "bypass_backbone_batch_8": ("bypass", {"backbone_batch": 8}),
+    "bypass_keep_freed": ("bypass", {}),  # without handing freed host memory back after each frozen chunk
     "bypass_all_tokens": ("bypass", {"pooling": "mean"}),
     "bypass_no_recompute": ("bypass", {"pooling": "mean", "recompute": False}),
     "bypass_attention_pool": ("bypass", {"pooling": "attention"}),
@@ -86,12 +87,18 @@ def _backbone(image_size: int, layers: int, device: str, dtype: str = "float32")
 def build(method: str, image_size: int, layers: int, device: str, dtype: str = "float32") -> nn.Module:
     """The classifier a run of `method` trains (`restuning.methods`), on a ViT-B/16 of `layers` blocks held in
     `dtype`."""
+    from restuning.bypass.model import FrozenBackbone
     from restuning.methods import build_classifier
     from restuning.precision import set_backbone_dtype
 
     name, options = METHODS[method]
     backbone = set_backbone_dtype(_backbone(image_size, layers, device, dtype), dtype)
-    return build_classifier(name, backbone, NUM_CLASSES, options)
+    model = build_classifier(name, backbone, NUM_CLASSES, options)
+    if method == "bypass_keep_freed":
+        for module in model.modules():
+            if isinstance(module, FrozenBackbone):
+                module.release_host_memory = False
+    return model
 
 
 def supports(method: str, dtype: str) -> bool:

@@ -87,11 +87,16 @@ def test_backbone_chunks_times_each_bound_with_the_chunks_it_ran(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())["settings"]["minilm_32"]
     assert result["positions_per_example"] == 32
-    rows = {row["backbone_tokens"]: row for row in result["rows"]}
-    # 40 tweets of 32 tokens: 1024 positions take 32 of them, 512 take 16; the first round counted them.
-    assert {b: (r["examples_per_chunk"], r["chunks"]) for b, r in rows.items()} == {
-        None: (40, 1), 4096: (40, 1), 2048: (40, 1), 1024: (32, 2), 512: (16, 3)}
-    assert rows[None]["ratio_to_whole_batch"] == 1.0 and all(r["median_cpu_seconds"] > 0 for r in rows.values())
+    assert {(row["backbone_tokens"], row["release_host_memory"]) for row in result["rows"]} == {
+        (b, release) for b in (None, 4096, 2048, 1024, 512) for release in (True, False)}
+    for release in (True, False):
+        rows = {row["backbone_tokens"]: row for row in result["rows"] if row["release_host_memory"] is release}
+        # 40 tweets of 32 tokens: 1024 positions take 32 of them, 512 take 16; the first round counted them.
+        assert {b: (r["examples_per_chunk"], r["chunks"]) for b, r in rows.items()} == {
+            None: (40, 1), 4096: (40, 1), 2048: (40, 1), 1024: (32, 2), 512: (16, 3)}
+        assert rows[None]["ratio_to_whole_batch"] == 1.0 and all(r["median_cpu_seconds"] > 0 for r in rows.values())
+        if not release:  # the baseline of that ratio
+            assert all(r["ratio_to_keeping_freed"] == 1.0 for r in rows.values())
 
 
 @pytest.mark.parametrize("fail_at", ["write", "replace"])

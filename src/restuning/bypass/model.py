@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import checkpoint
+from .. import checkpoint, precision
 from ..errors import ConfigError
 from ..ops import family_for_model
 from ..params import ParameterReport
@@ -33,6 +33,9 @@ class FrozenBackbone(ParameterReport, nn.Module):
     # the forward's transient activations shrink with the chunk.
     backbone_batch: int | None = None
     backbone_tokens: int | None = BACKBONE_TOKENS
+    # After each frozen forward (or chunk) on the CPU, hand what the C allocator kept of its freed activations
+    # back to the OS (`precision.release_freed_memory`); False keeps glibc's own behaviour.
+    release_host_memory: bool = True
 
     def __init__(self, model: nn.Module, plan: TapPlan, needed: int, first_token_only: bool = False,
                  calls: tuple[str, ...] = ()):
@@ -84,7 +87,7 @@ class FrozenBackbone(ParameterReport, nn.Module):
         runner, batch = self.runner, _batch_size(args, kwargs)
         size = self._chunk_size(args, kwargs, batch)
         if size is None or batch <= size:
-            return self.taps(lambda: runner(*args, **kwargs))
+            return self._released(self.taps(lambda: runner(*args, **kwargs)))
         features: list[torch.Tensor] = []
         for start in range(0, batch, size):
             a, k = _chunk(args, kwargs, batch, start, size)
@@ -99,6 +102,14 @@ class FrozenBackbone(ParameterReport, nn.Module):
                 features = [f.new_empty((batch, *f.shape[1:])) for f in part]
             for whole, f in zip(features, part, strict=True):
                 whole[start:start + rows] = f
+            del part
+            self._released(features)
+        return features
+
+    def _released(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`features`, after handing the forward's freed host memory back (`release_host_memory`)."""
+        if self.release_host_memory and features and features[0].device.type == "cpu":
+            precision.release_freed_memory()
         return features
 
     def _chunk_size(self, args: tuple, kwargs: dict, batch: int | None) -> int | None:
