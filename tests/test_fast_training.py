@@ -17,6 +17,7 @@ from restuning.train.optim import adamw, adamw_implementation
 from restuning.tuners.skinny import SkinnyLinear, skinny_linear
 
 TOL = dict(atol=1e-6, rtol=1e-6)
+SMALL = {"name": "res_adapter", "dim": 1}  # ranks small beside BERT's width of 32: the pooled form keeps less
 
 
 @pytest.mark.parametrize("shape", [(64, 10), (4, 16, 10), (2, 3, 5, 10)])
@@ -148,9 +149,11 @@ def test_compiling_the_task_falls_back_to_eager_with_a_warning(tmp_path):
     assert model.compile_task(enabled=False) is None
 
 
-def test_a_compiled_task_equals_the_eager_one():
-    model = _mean_bypass()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_compiled_task_equals_the_eager_one(pooled):
+    model = _mean_bypass(**(dict(horizontal=SMALL, vertical=SMALL) if pooled else {}))
     features, mask = FeatureCache().get(model, CASES["bert"].inputs()).batch(torch.arange(2))
+    assert model.task.reads_pooled(model.task.chosen(features), model.final_norm) is pooled
     eager = model.forward_features(features, mask)
     grads = torch.autograd.grad(eager.sum(), list(model.task.parameters()))
     compiled = model.compile_task(backend="aot_eager")
@@ -260,22 +263,22 @@ def test_the_pooled_form_equals_pooling_the_step_by_step_bypass(dtype, tol, how,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("how, masked", POOLINGS)
-def test_a_linear_pool_transpose_is_its_adjoint(how, masked):
-    from restuning.bypass.pooling import LinearPool
+def test_masked_mean_pooling_keeps_its_input_dtype_under_autocast():
+    from restuning.bypass.pooling import pool
 
-    pool = LinearPool(how, _mask() if masked else None, torch.float64)
-    b, g = torch.randn(3, 7, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(pool(b), b, g)
-    torch.testing.assert_close(pool.transpose(g, b.shape), expected, atol=1e-12, rtol=0)
+    b = torch.randn(3, 7, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = pool(b, "mean", _mask())
+    expected = (b * _mask()[..., None]).sum(1) / _mask().sum(1, keepdim=True).clamp_min(1)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_the_task_reads_the_pooled_form_where_its_read_out_is_linear_and_trains_the_same():
     inputs, target = CASES["bert"].inputs(), torch.tensor([0, 2])
     runs = {}
-    small = {"name": "res_adapter", "dim": 1}  # ranks small beside the width of 32: the pooled form keeps less
     for pooled in (True, False):
-        model = _mean_bypass(horizontal=small, vertical=small)
+        model = _mean_bypass(horizontal=SMALL, vertical=SMALL)
         model.task.pooled_form = pooled
         features, mask = FeatureCache().get(model, inputs).batch(torch.arange(2))
         assert model.task.reads_pooled(model.task.chosen(features), model.final_norm) is pooled
@@ -290,19 +293,35 @@ def test_the_task_reads_the_pooled_form_where_its_read_out_is_linear_and_trains_
         torch.testing.assert_close(runs[True][1][name], grad, **TOL, msg=name)
 
 
-@pytest.mark.parametrize("config", [dict(pooling="attention"), dict(horizontal="lora"),
+@pytest.mark.parametrize("config", [dict(pooling="attention"), dict(horizontal={"name": "lora", "dim": 1}),
                                     dict(combine="softmax", vertical=None),
-                                    dict(vertical={"name": "res_adapter", "options": {"act": "relu"}})])
+                                    dict(vertical={"name": "res_adapter", "dim": 1, "options": {"act": "relu"}}),
+                                    dict(reinject=1)])
 def test_the_pooled_form_is_not_taken_where_it_would_not_be_exact(config):
-    torch.manual_seed(0)
-    model = restuning.get_restuning_model(CASES["bert"].model(), BypassConfig(num_classes=3, **config))
-    features, _ = FeatureCache().get(model, CASES["bert"].inputs()).batch(torch.arange(2))
-    assert not model.task.reads_pooled(model.task.chosen(features), model.final_norm)
+    def reads_pooled(**options) -> bool:
+        torch.manual_seed(0)
+        model = restuning.get_restuning_model(CASES["bert"].model(), BypassConfig(num_classes=3, **options))
+        features, _ = FeatureCache().get(model, CASES["bert"].inputs()).batch(torch.arange(2)) \
+            if not model.bypass_config.reinject else (model.features(**CASES["bert"].inputs()), None)
+        return model.task.reads_pooled(model.task.chosen(features), model.final_norm)
+
+    assert reads_pooled(horizontal=SMALL, vertical=SMALL)  # the same model without the change takes it
+    assert not reads_pooled(**{"horizontal": SMALL, "vertical": SMALL, **config})
+
+
+def test_the_pooled_form_is_not_taken_on_maps_handed_over_channels_first():
+    """Channels-last views of (B, C, H, W) maps would be copied into (N, C) rows and kept: more than it saves."""
+    from restuning.bypass.network import BypassNetwork
+
+    net = BypassNetwork([128] * 5, BypassConfig(vertical={"name": "res_adapter", "dim": 2},
+                                                horizontal={"name": "res_adapter", "dim": 2}), "map")
+    maps = [torch.randn(2, 128, 8, 8) for _ in range(5)]
+    assert net.pooled_form_applies([m.movedim(1, -1).contiguous() for m in maps])
+    assert not net.pooled_form_applies([m.movedim(1, -1) for m in maps])
 
 
 def test_the_pooled_form_is_not_taken_under_autocast_or_with_the_final_norm_before_pooling():
-    small = {"name": "res_adapter", "dim": 1}
-    model = _mean_bypass(horizontal=small, vertical=small)
+    model = _mean_bypass(horizontal=SMALL, vertical=SMALL)
     features, _ = FeatureCache().get(model, CASES["bert"].inputs()).batch(torch.arange(2))
     chosen = model.task.chosen(features)
     with torch.autocast("cpu", dtype=torch.bfloat16):

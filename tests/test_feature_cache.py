@@ -188,3 +188,14 @@ def test_a_tampered_file_is_rebuilt_never_used(tmp_path):
     cache = FeatureCache(tmp_path)
     cache.get(model, inputs)
     assert cache.status == "loaded"  # the rebuilt file is whole again
+
+
+def test_a_cached_batch_takes_integer_indices_or_a_boolean_mask():
+    from restuning.bypass.cache import CachedFeatures
+
+    features = [torch.arange(5.0)[:, None].expand(5, 3).contiguous()]
+    stored = CachedFeatures(features, torch.ones(5, 2), "key")
+    (picked,), _ = stored.batch(torch.tensor([3, 0]))
+    assert picked[:, 0].tolist() == [3.0, 0.0]
+    (masked,), mask = stored.batch(torch.tensor([False, True, False, True, False]))
+    assert masked[:, 0].tolist() == [1.0, 3.0] and mask.shape == (2, 2)

@@ -164,12 +164,13 @@ class BypassNetwork(nn.Module):
 
     def pooled_form_applies(self, features: list[torch.Tensor]) -> bool:
         """Whether `pooled` computes this bypass on `features` (gates, every step two plain Res-Adapters, one
-        shape for every layer, no re-injection, no autocast) and keeps less for backward than the checkpointed
-        steps would: its (N, r)-wide projections grow with depth times rank (and it keeps a (D,) vector per
-        example and step), the steps' states with depth times width; so a bypass on the CLS token alone, one
-        position, runs step by step."""
+        contiguous shape for every layer, no re-injection, no autocast) and keeps less for backward than the
+        checkpointed steps would: its (N, r)-wide projections grow with depth times rank (and it keeps a (D,)
+        vector per example and step), the steps' states with depth times width; so a bypass on the CLS token
+        alone, one position, runs step by step."""
         if not (self.combine == "gates" and not self.reinject and len(self.fused) == len(features) - 1
                 and all(self.fused) and all(f.shape == features[0].shape for f in features)
+                and all(f.is_contiguous() for f in features)  # (N, D) views, not copies (maps come channels-first)
                 and not torch.is_autocast_enabled(features[0].device.type)):
             return False
         width, positions = features[0].shape[-1], features[0].shape[1:-1].numel()

@@ -1,4 +1,4 @@
-"""Poolings of a final state's positions into one vector per example, as linear maps with their transposes."""
+"""Poolings of a final state's positions into one vector per example, as linear maps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 class LinearPool:
     """`how` (cls, mean, avg or last) as a linear map (B, T, k) or channels-last (B, H, W, k) -> (B, k) for
-    inputs of `dtype`, with `transpose`, its adjoint; the mask's weights are computed once for every call."""
+    inputs of `dtype`; the mask's weights are computed once for every call."""
 
     def __init__(self, how: str, attention_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         if how not in ("cls", "mean", "avg", "last"):
@@ -26,27 +26,12 @@ class LinearPool:
             return b[:, 0]
         if self.how == "avg":
             return b.flatten(1, -2).mean(1)
-        if self.how == "mean":
-            return (self.weights.to(b.device) @ b).squeeze(1)  # a product, not a (B, T, D) temporary
+        if self.how == "mean":  # a product, not a (B, T, D) temporary; in b's dtype even under autocast
+            with torch.autocast(b.device.type, enabled=False):
+                return (self.weights.to(device=b.device, dtype=b.dtype) @ b).squeeze(1)
         if self.at is None:
             return b[:, -1]
         return b[torch.arange(b.shape[0], device=b.device), self.at.to(b.device)]
-
-    def transpose(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The adjoint: grad (B, k) -> (B, ..., k) of `shape`, the gradient of the pooled input."""
-        if self.how == "mean":
-            return (self.weights.to(grad.device).transpose(1, 2) @ grad.unsqueeze(1)).view(shape)
-        if self.how == "avg":
-            positions = shape[1:-1].numel()
-            return (grad / positions).unsqueeze(1).expand(shape[0], positions, shape[-1]).reshape(shape)
-        out = grad.new_zeros(shape[0], shape[1:-1].numel(), shape[-1])
-        if self.how == "cls":
-            out[:, 0] = grad
-        elif self.at is None:
-            out[:, -1] = grad
-        else:
-            out[torch.arange(shape[0], device=grad.device), self.at.to(grad.device)] = grad
-        return out.view(shape)
 
 
 def pool(b: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
