@@ -57,3 +57,14 @@ def seconds(fn: Callable[[], Any], repeats: int, warmup: bool = True, sync: Call
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def keep_freed_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every frozen backbone in it keeping its forwards' freed host memory (glibc's own behaviour,
+    `FrozenBackbone.release_host_memory = False`): the `*_keep_freed` rows of the memory benchmarks."""
+    from restuning.bypass.model import FrozenBackbone
+
+    for module in model.modules():
+        if isinstance(module, FrozenBackbone):
+            module.release_host_memory = False
+    return model

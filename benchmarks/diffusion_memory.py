@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _report import machine, median, table, write_json
+from _report import keep_freed_memory, machine, median, table, write_json
 from torch import nn
 
 # `bypass_keep_freed`: the bypass without handing freed host memory back after the frozen forward.
@@ -79,14 +79,9 @@ def build(method: str, config: str, device: str, precision: str, backbone_dtype:
         torch.set_default_dtype(torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32)
         unet = UNet2DConditionModel(**CONFIGS[config]["unet"]).to(device)
         torch.set_default_dtype(torch.float32)
-    from restuning.bypass.model import FrozenBackbone
-
     keep_freed = method == "bypass_keep_freed"
     model = upcast_trainable(build_denoiser("bypass" if keep_freed else method, unet, {}))  # as diffusion-train
-    for module in model.modules():
-        if isinstance(module, FrozenBackbone):
-            module.release_host_memory = not keep_freed
-    return model
+    return keep_freed_memory(model) if keep_freed else model
 
 
 def predict(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import machine, median, table, write_json
+from _report import keep_freed_memory, machine, median, table, write_json
 from torch import nn
 
 # Row -> (registered method, its options). The bypass by default has a CLS head, so it runs on the CLS token
@@ -87,18 +87,13 @@ def _backbone(image_size: int, layers: int, device: str, dtype: str = "float32")
 def build(method: str, image_size: int, layers: int, device: str, dtype: str = "float32") -> nn.Module:
     """The classifier a run of `method` trains (`restuning.methods`), on a ViT-B/16 of `layers` blocks held in
     `dtype`."""
-    from restuning.bypass.model import FrozenBackbone
     from restuning.methods import build_classifier
     from restuning.precision import set_backbone_dtype
 
     name, options = METHODS[method]
     backbone = set_backbone_dtype(_backbone(image_size, layers, device, dtype), dtype)
     model = build_classifier(name, backbone, NUM_CLASSES, options)
-    if method == "bypass_keep_freed":
-        for module in model.modules():
-            if isinstance(module, FrozenBackbone):
-                module.release_host_memory = False
-    return model
+    return keep_freed_memory(model) if method == "bypass_keep_freed" else model
 
 
 def supports(method: str, dtype: str) -> bool:

@@ -22,7 +22,7 @@ from ..tuners import OpContext, ResTuner, build_tuner
 from .config import BypassConfig
 from .fused import fusable, fused_step
 from .pooled import kept_per_row, pooled_bypass
-from .pooling import LinearPool, pool
+from .pooling import LINEAR_POOLINGS, LinearPool, pool
 from .taps import TapPlan, is_unet, plan_taps
 
 
@@ -279,7 +279,7 @@ class BypassTask(nn.Module):
         read-out is linear in b_L (a pooling of positions, the final norm, if any, after it), the bypass has the
         pooled form, and `pooled_form` is on."""
         norm_first = final_norm is not None and self.uses_final_norm and not self.plan.norm_after_pool
-        return (self.pooled_form and self.plan.pooling in ("mean", "avg", "cls", "last") and not norm_first
+        return (self.pooled_form and self.plan.pooling in LINEAR_POOLINGS and not norm_first
                 and self.bypass.pooled_form_applies(chosen))
 
 

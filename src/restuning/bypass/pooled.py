@@ -69,12 +69,13 @@ def pooled_bypass(features: list[torch.Tensor], lam: torch.Tensor, horizontal: l
     for i, (h, v) in enumerate(zip(horizontal, vertical, strict=True)):
         g, r, r_h = gates[i], v.down.out_features, h.down.out_features
         a, t_later = t.split([r, t.shape[1] - r], 1)
-        q = _Project.apply(flat[i + 1], torch.cat([h.down.weight, *down_v[i + 1:]]))
+        weight = torch.cat([h.down.weight, *down_v[i + 1:]])  # [D_h; F]
+        q = _Project.apply(flat[i + 1], weight)
         c, q_later = q.split([r_h, q.shape[1] - r_h], 1)
         z = torch.cat([F.gelu(a + v.down.bias) * (1 - g), F.gelu(c + h.down.bias) * g, a.new_ones(len(a), 1)], 1)
         w = torch.cat([v.up.weight, h.up.weight, torch.lerp(v.up.bias, h.up.bias, g)[:, None]], 1)
         if i + 1 < len(vertical):
-            t = torch.lerp(t_later, q_later, g) + z @ (w.t() @ torch.cat(down_v[i + 1:]).t())
+            t = torch.lerp(t_later, q_later, g) + z @ (w.t() @ weight[r_h:].t())
         # p + g (pool(x) - p), not lerp: autograd keeps one (B, D) difference per step instead of both ends (and
         # never a pooled view, which would keep the whole float32 cast of a low-precision tap).
         p = p + g * (pool(features[i + 1].to(dtype)) - p) + pool(z.view(*lead, -1)) @ w.t()

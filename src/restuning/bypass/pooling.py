@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+LINEAR_POOLINGS = ("cls", "mean", "avg", "last")  # the plan's poolings that are linear in the final state
+
 
 class LinearPool:
     """`how` (cls, mean, avg or last) as a linear map (B, T, k) or channels-last (B, H, W, k) -> (B, k) for
     inputs of `dtype`; the mask's weights are computed once for every call."""
 
     def __init__(self, how: str, attention_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
-        if how not in ("cls", "mean", "avg", "last"):
+        if how not in LINEAR_POOLINGS:
             raise ValueError(f"pooling: expected cls, mean, avg or last, got {how!r}")
         self.how = "avg" if how == "mean" and attention_mask is None else how  # a map's positions, or the tokens
         self.weights = self.at = None
