@@ -294,20 +294,21 @@ def test_int8_linear_layers_take_one_scale_per_128_weights_of_a_row_where_the_wi
     assert tuple(narrow.weight.scale.shape) == (8, 1)  # 48 is no multiple of 128: one scale per row
 
 
-@pytest.mark.parametrize("layer", ["linear", "conv", "conv_in_slices"])
+@pytest.mark.parametrize("layer", ["linear", "linear_in_slices", "conv", "conv_in_slices"])
 def test_backpropagating_through_an_int8_layer_saves_nothing_and_matches_its_dequantized_weight(layer, monkeypatch):
     import restuning.int8
 
-    if layer == "conv_in_slices":  # a convolution too large to dequantize at once: 5 slices of 10 output channels
-        monkeypatch.setattr(restuning.int8, "DEQUANTIZE_CHUNK", 10 * 32 * 9)
+    if layer.endswith("in_slices"):  # a layer too large to dequantize at once: 5 slices of 10 output channels
+        monkeypatch.setattr(restuning.int8, "DEQUANTIZE_CHUNK", 10 * 32 * (1 if layer.startswith("linear") else 9))
     torch.manual_seed(0)
-    plain = torch.nn.Linear(32, 48) if layer == "linear" else torch.nn.Conv2d(32, 48, 3, padding=1, stride=2)
+    linear = layer.startswith("linear")
+    plain = torch.nn.Linear(32, 48) if linear else torch.nn.Conv2d(32, 48, 3, padding=1, stride=2)
     held = set_backbone_dtype(torch.nn.Sequential(_copy(plain)), "int8")[0]
     assert isinstance(held, type(plain)) and is_quantized(held.weight)
     reference = set_backbone_dtype(torch.nn.Sequential(_copy(plain)), "bfloat16")[0]
     with torch.no_grad():
         reference.weight.copy_(held.weight.dequantize())  # the same numbers, in a plain bfloat16 layer
-    x = torch.randn((2, 5, 32) if layer == "linear" else (2, 32, 9, 9), dtype=torch.bfloat16)
+    x = torch.randn((2, 5, 32) if linear else (2, 32, 9, 9), dtype=torch.bfloat16)
     x8, x16 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with SavedTensorMeter() as meter:
         y8 = held(x8)
@@ -320,6 +321,37 @@ def test_backpropagating_through_an_int8_layer_saves_nothing_and_matches_its_deq
     torch.testing.assert_close(x8.grad, x16.grad, rtol=1e-2, atol=1e-2)
     with torch.no_grad():  # no autograd: the plain product
         torch.testing.assert_close(held(x), y8.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(256, 96), (100, 40)])  # one scale per 128 weights of a row; one per row
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_int8_linear_layer_in_slices_computes_torchaos_own_product_exactly(shape, bias, monkeypatch):
+    import restuning.int8
+
+    torch.manual_seed(0)
+    layer = set_backbone_dtype(torch.nn.Sequential(torch.nn.Linear(*shape, bias=bias)), "int8")[0]
+    x = torch.randn(3, 7, shape[0], dtype=torch.bfloat16)
+    with torch.no_grad():
+        whole = torch.nn.functional.linear(x, layer.weight, layer.bias)  # torchao's product, the weight at once
+        torch.testing.assert_close(layer(x), whole, rtol=0, atol=0)  # one slice
+        torch.testing.assert_close(layer(x.float()), torch.nn.functional.linear(x.float(), layer.weight, layer.bias),
+                                   rtol=0, atol=0)  # another input dtype: torchao's own path
+        monkeypatch.setattr(restuning.int8, "DEQUANTIZE_CHUNK", shape[0] * 11)  # slices of at most 11 channels
+        assert len(restuning.int8._output_slices(layer.weight)) == -(-shape[1] // 11)
+        torch.testing.assert_close(layer(x), whole, rtol=0, atol=0)
+
+
+def test_an_int8_convolution_in_slices_computes_torchaos_own_product_exactly(monkeypatch):
+    import restuning.int8
+
+    torch.manual_seed(0)
+    layer = set_backbone_dtype(torch.nn.Sequential(torch.nn.Conv2d(32, 48, 3, padding=1)), "int8")[0]
+    x = torch.randn(2, 32, 9, 9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        whole = torch.nn.functional.conv2d(x, layer.weight, layer.bias, 1, 1)  # torchao's product (positional)
+        torch.testing.assert_close(layer(x), whole, rtol=0, atol=0)
+        monkeypatch.setattr(restuning.int8, "DEQUANTIZE_CHUNK", 32 * 9 * 10)
+        torch.testing.assert_close(layer(x), whole, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer", ["linear", "conv"])

@@ -13,6 +13,7 @@ is needed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,10 +22,12 @@ from torch.nn import functional as F
 
 from .errors import ConfigError
 
-# Weights a convolution dequantizes at a time: torchao's dequantize holds about twice the bfloat16 weight while
-# it runs (measured: 122 MiB for SD v1.5's largest convolution, 56 MiB in bfloat16), so a larger one computes in
-# slices of its output channels.
-DEQUANTIZE_CHUNK = 4 * 2**20
+# Weights a layer dequantizes at a time: torchao's dequantize makes two or three temporaries of the weight's size
+# (6-8 bytes a weight), so a larger layer computes in slices of its output channels. Measured on SD v1.5's int8
+# UNet (batch 1, 64x64 latents, 2 threads): at 4 M weights a slice, a frozen forward took 1.5% less CPU time than
+# at 1 M, within the noise, and 256 K cost 24% more; at 4 M the process peaked about 80 MiB higher, from
+# temporaries that glibc serves from a new part of its heap each time.
+DEQUANTIZE_CHUNK = 2**20
 
 # A linear layer's int8 weight has one scale per this many weights of an output channel (where the input width is
 # a multiple of it; else one per output channel), for 4 more bytes per 128 weights: the last hidden state moves
@@ -98,17 +101,42 @@ def _frozen_product(layer: nn.Module, x: torch.Tensor) -> bool:
             and not (bias is not None and bias.requires_grad))
 
 
+def _output_slices(weight: torch.Tensor, groups: int = 1) -> list[slice]:
+    """Slices of `weight`'s output channels (dim 0), each of at most `DEQUANTIZE_CHUNK` weights (one slice with
+    groups: a slice would take some groups' input channels only)."""
+    out_channels = weight.shape[0]
+    step = max(1, DEQUANTIZE_CHUNK // (weight.numel() // out_channels)) if groups == 1 else out_channels
+    return [slice(a, a + step) for a in range(0, out_channels, step)]
+
+
+def _summed(parts: Iterator[torch.Tensor], count: int, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the `count` per-slice input gradients `parts` (made one at a time), in `dtype`: summed in
+    float32 when there are several, as rounding each partial sum to bfloat16 would grow with the slices."""
+    if count == 1:
+        return next(parts)
+    total = next(parts).float()
+    for part in parts:
+        total.add_(part)
+    return total.to(dtype)
+
+
 class Int8Linear(nn.Linear):
-    """An `nn.Linear` whose weight is int8 (torchao); see `FrozenProduct`."""
+    """An `nn.Linear` whose weight is int8 (torchao); see `FrozenProduct`. Its weight is dequantized at most
+    `DEQUANTIZE_CHUNK` weights at a time (torchao's own product, on slices of the output channels)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return FrozenProduct.apply(x, self) if _frozen_product(self, x) else self.product(x)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        slices = _output_slices(self.weight)
+        if len(slices) == 1 or not is_quantized(self.weight):
+            return F.linear(x, self.weight, self.bias)
+        return torch.cat([F.linear(x, self.weight[s], None if self.bias is None else self.bias[s])
+                          for s in slices], -1)
 
     def input_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return grad @ self.weight.dequantize()
+        slices = _output_slices(self.weight)
+        return _summed((grad[..., s] @ self.weight[s].dequantize() for s in slices), len(slices), grad.dtype)
 
 
 class Int8Conv2d(nn.Conv2d):
@@ -120,28 +148,18 @@ class Int8Conv2d(nn.Conv2d):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         return FrozenProduct.apply(x, self) if _frozen_product(self, x) else self.product(x)
 
-    def _slices(self) -> list[slice]:
-        per_channel = self.weight.numel() // self.out_channels
-        step = max(1, DEQUANTIZE_CHUNK // per_channel) if self.groups == 1 else self.out_channels
-        return [slice(a, a + step) for a in range(0, self.out_channels, step)]
-
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        slices = self._slices()
+        slices = _output_slices(self.weight, self.groups)
         if len(slices) == 1 or not is_quantized(self.weight):
             return self._conv_forward(x, self.weight, self.bias)
         return torch.cat([F.conv2d(x, self.weight[s].dequantize(), None if self.bias is None else self.bias[s],
                                    self.stride, self.padding, self.dilation) for s in slices], 1)
 
     def input_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        slices = self._slices()
+        slices = _output_slices(self.weight, self.groups)
         parts = (torch.nn.grad.conv2d_input(shape, self.weight[s].dequantize(), grad[:, s], self.stride,
                                             self.padding, self.dilation, self.groups) for s in slices)
-        if len(slices) == 1:
-            return next(parts)
-        total = next(parts).float()  # summed in float32: rounding each sum to bfloat16 grows with the slices
-        for part in parts:
-            total.add_(part)
-        return total.to(grad.dtype)
+        return _summed(parts, len(slices), grad.dtype)
 
 
 def _torchao() -> tuple[Any, Any, Any]:
