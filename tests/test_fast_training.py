@@ -206,6 +206,72 @@ def test_the_fused_step_equals_the_plain_step_forward_and_backward(dtype, tol, r
         assert "_FusedStep" in type(out_f.grad_fn).__name__
 
 
+def _map_networks(widths: list[int]):
+    """A fused map bypass whose steps resample and project (`widths` of its layers) and its plain twin."""
+    from restuning.bypass.network import BypassNetwork
+
+    torch.manual_seed(0)
+    config = BypassConfig(horizontal={"name": "res_adapter", "dim": 3}, vertical={"name": "res_adapter", "dim": 2})
+    fused = BypassNetwork(widths, config, "map").double()
+    for p in fused.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    plain = copy.deepcopy(fused)
+    plain.fused = [False] * len(plain.fused)
+    return fused, plain
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_fused_step_carries_a_map_to_other_sizes_and_widths_as_the_plain_step_does(recompute):
+    # A UNet decoder's shape: the resolution grows, the width stays, then grows and halves, then shrinks.
+    exact = dict(atol=1e-12, rtol=1e-12)
+    sides, widths = [4, 4, 8, 16, 16, 8], [12, 12, 12, 6, 3, 5]
+    fused, plain = _map_networks(widths)
+    assert all(fused.fused) and sum(v.project is not None for v in fused.vertical) == 3
+    features = [torch.randn(2, side, side, width, dtype=torch.float64) for side, width in zip(sides, widths)]
+    features[0].requires_grad_()
+    weight = torch.randn(2, 8, 8, 5, dtype=torch.float64)
+    results = []
+    for net in (fused, plain):
+        features[0].grad = None
+        out = net(features, recompute=recompute)
+        (out * weight).sum().backward()
+        results.append((out, features[0].grad, {n: p.grad for n, p in net.named_parameters()}))
+    (out_f, grad_f, params_f), (out_p, grad_p, params_p) = results
+    torch.testing.assert_close(out_f, out_p, **exact)
+    torch.testing.assert_close(grad_f, grad_p, **exact)
+    for name in params_f:
+        torch.testing.assert_close(params_f[name], params_p[name], **exact, msg=name)
+
+
+@pytest.mark.parametrize("side, width, to_side, to_width, project_first",
+                         [(4, 16, 8, 8, True), (4, 8, 8, 16, True), (8, 8, 4, 16, False), (8, 16, 4, 8, False),
+                          (8, 32, 4, 2, True), (4, 8, 8, 8, False)])
+def test_carrying_the_state_projects_first_where_that_keeps_less_with_the_same_numbers(side, width, to_side,
+                                                                                      to_width, project_first):
+    from restuning.bypass.network import VerticalStep
+    from restuning.memory import SavedTensorMeter
+    from restuning.spatial import resample
+
+    torch.manual_seed(0)
+    step = VerticalStep(width, to_width, None, "map").double()
+    if step.project is not None:
+        torch.nn.init.normal_(step.project.bias)
+    b = torch.randn(2, side, side, width, dtype=torch.float64, requires_grad=True)
+    like = torch.empty(2, to_side, to_side, to_width, dtype=torch.float64)
+    with SavedTensorMeter(step.parameters()) as meter:
+        carried = step.carry(b, like)
+    resampled = resample(b.movedim(-1, 1), (to_side, to_side)).movedim(1, -1)
+    reference = resampled if step.project is None else step.project(resampled)
+    torch.testing.assert_close(carried, reference, atol=1e-12, rtol=1e-12)
+    # The projection keeps its input for its weight's gradient, and area averaging (shrinking) its own input;
+    # growing keeps nothing. So the first of the two keeps b, the second the intermediate, if it keeps anything.
+    shrinking, positions = to_side < side, 2 * to_side * to_side
+    intermediate = 2 * side * side * to_width if project_first else positions * width
+    second_keeps = (shrinking if project_first else step.project is not None)
+    kept = 8 * (b.numel() * (project_first or shrinking) + intermediate * second_keeps)
+    assert meter.bytes == kept, (meter.bytes, kept)
+
+
 def test_the_fused_step_runs_only_where_its_rewrite_is_exact():
     from restuning.bypass.fused import fusable
 

@@ -4,11 +4,12 @@
 
 `H_l` and `V_l` are `identity + Res-Tuner`; with zero-initialised tuners and `theta_l = 0` the bypass
 is a fixed ensemble of the layer features (paper Table 3b, "none"). Between CNN stages of other
-sizes, `V_l` first resamples `b_{l-1}` to `x_l`'s resolution and projects its channels.
+sizes, `V_l` first carries `b_{l-1}` to `x_l`'s resolution and width (`VerticalStep.carry`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,7 +39,7 @@ class Residual(nn.Module):
 
 
 class VerticalStep(nn.Module):
-    """`V_l`: carry `b_{l-1}` to layer l (resample positions, project width), then `identity + tuner`."""
+    """`V_l`: carry `b_{l-1}` to layer l (`carry`: resample positions, project width), then `identity + tuner`."""
 
     def __init__(self, in_width: int, out_width: int, tuner: ResTuner | None, layout: str):
         super().__init__()
@@ -48,13 +49,29 @@ class VerticalStep(nn.Module):
 
     def forward(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """b: (B, T, D) or channels-last (B, H, W, C); like: x_l, whose positions b is carried to."""
-        if b.shape[1:-1] != like.shape[1:-1]:
-            if self.layout != "map":
-                raise ValueError(f"bypass: token counts differ between layers ({b.shape} -> {like.shape})")
-            b = resample(b.movedim(-1, 1), tuple(like.shape[1:3])).movedim(1, -1)
-        if self.project is not None:
-            b = self.project(b)
-        return self.residual(b)
+        return self.residual(self.carry(b, like))
+
+    def carry(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """b at `like`'s positions (resampled) and width (projected): (B, *like.shape[1:-1], out_width).
+
+        Resampling averages positions with weights that sum to one and the projection maps each position on
+        its own, so the two commute, bias included; the one that makes the smaller intermediate runs first (a
+        decoder stage that doubles the resolution and halves the width projects first, keeping a quarter)."""
+        if b.shape[1:-1] == like.shape[1:-1]:
+            return b if self.project is None else self.project(b)
+        if self.layout != "map":
+            raise ValueError(f"bypass: token counts differ between layers ({b.shape} -> {like.shape})")
+        size = tuple(like.shape[1:3])
+        projected_first, resampled_first = b.shape[1:-1].numel() * like.shape[-1], math.prod(size) * b.shape[-1]
+        if self.project is not None and projected_first < resampled_first:
+            return _resampled(self.project(b), size)
+        b = _resampled(b, size)
+        return b if self.project is None else self.project(b)
+
+
+def _resampled(b: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """A channels-last map (B, H, W, C) resampled to (B, *size, C)."""
+    return resample(b.movedim(-1, 1), size).movedim(1, -1)
 
 
 class BypassNetwork(nn.Module):
@@ -90,8 +107,7 @@ class BypassNetwork(nn.Module):
             for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True))
         ) if config.combine == "gates" else nn.ModuleList()
         # Steps that can run as `fused_step` (two plain Res-Adapters, no width projection).
-        self.fused = [v.project is None and fusable(h.tuner, v.residual.tuner)
-                      for h, v in zip(self.horizontal, self.vertical, strict=False)]
+        self.fused = [fusable(h.tuner, v.residual.tuner) for h, v in zip(self.horizontal, self.vertical, strict=False)]
 
     @property
     def gates(self) -> torch.Tensor:
@@ -156,8 +172,10 @@ class BypassNetwork(nn.Module):
         return self.horizontal[i](x.to(logits.dtype))
 
     def _step(self, i: int, theta: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.fused[i] and b.shape == x.shape and not torch.is_autocast_enabled(x.device.type):
-            return fused_step(b, x.to(b.dtype), theta[i], self.horizontal[i].tuner, self.vertical[i].residual.tuner)
+        if self.fused[i] and not torch.is_autocast_enabled(x.device.type):
+            carried = self.vertical[i].carry(b, x)  # autograd through the resampling and projection, if any
+            x = x.to(carried.dtype, memory_format=torch.contiguous_format)  # a map's channels-last view: one copy
+            return fused_step(carried, x, theta[i], self.horizontal[i].tuner, self.vertical[i].residual.tuner)
         h = self.horizontal[i](x.to(theta.dtype))
         v = self.vertical[i](b, like=x).to(h.dtype)  # under autocast a projection may change the dtype
         return torch.lerp(v, h, torch.sigmoid(theta[i]).to(h.dtype))  # (1 - lam) V + lam H
@@ -169,7 +187,8 @@ class BypassNetwork(nn.Module):
         vector per example and step), the steps' states with depth times width; so a bypass on the CLS token
         alone, one position, runs step by step."""
         if not (self.combine == "gates" and not self.reinject and len(self.fused) == len(features) - 1
-                and all(self.fused) and all(f.shape == features[0].shape for f in features)
+                and all(self.fused) and all(v.project is None for v in self.vertical)
+                and all(f.shape == features[0].shape for f in features)
                 and all(f.is_contiguous() for f in features)  # (N, D) views, not copies (maps come channels-first)
                 and not torch.is_autocast_enabled(features[0].device.type)):
             return False
