@@ -39,15 +39,18 @@ def _counted(monkeypatch) -> list[int]:
     return calls
 
 
-def test_the_frozen_forward_hands_memory_back_after_each_chunk_on_the_cpu(monkeypatch):
+def test_the_frozen_forward_hands_memory_back_before_it_and_after_each_tapped_block_and_chunk_on_the_cpu(monkeypatch):
     case = CASES["vit"]
     calls = _counted(monkeypatch)
-    for batch, expected in ((None, 1), (1, 2)):  # the whole batch of 2, then one example per chunk
+    for batch, chunks in ((None, 1), (1, 2)):  # the whole batch of 2, then one example per chunk
         torch.manual_seed(0)
         model = restuning.get_restuning_model(case.model(), BypassConfig(num_classes=3, backbone_batch=batch))
+        taps = len(model.taps.points)
+        assert taps >= 2
         calls[0] = 0
         model(**case.inputs())
-        assert calls[0] == expected, (batch, calls[0])
+        # before the forward, then per chunk: after each tapped block but the last, and after the chunk
+        assert calls[0] == 1 + chunks * taps, (batch, calls[0])
     model.release_host_memory = False
     calls[0] = 0
     model(**case.inputs())

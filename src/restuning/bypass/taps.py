@@ -134,10 +134,11 @@ class FeatureTaps:
     """
 
     def __init__(self, model: nn.Module, points: tuple[str, ...], first_token_only: bool = False, grad: bool = False,
-                 calls: tuple[str, ...] = ()):
-        """`calls`: tapped modules whose call (arguments and keyword arguments) is recorded too (`with_calls`)."""
+                 calls: tuple[str, ...] = (), between_taps: Callable[[torch.Tensor], None] | None = None):
+        """`calls`: tapped modules whose call (arguments and keyword arguments) is recorded too (`with_calls`).
+        `between_taps(output)`: called after each tapped module but the last, with its output tensor."""
         self.model, self.points, self.first_token_only, self.grad = model, tuple(points), first_token_only, grad
-        self.calls = tuple(calls)
+        self.calls, self.between_taps = tuple(calls), between_taps
         self.handles: list[RemovableHandle] = []
         self._record: dict[str, Any] | None = None
 
@@ -191,6 +192,8 @@ class FeatureTaps:
             self._record[name] = self._keep(output_tensor(output))
             if last:
                 raise _Done
+            if self.between_taps is not None:
+                self.between_taps(self._record[name])
 
         return hook
 
