@@ -149,6 +149,21 @@ def test_cnn_stages_of_other_shapes_are_resampled_and_projected():
     assert [tuple(f.shape[-2:]) for f in features] == [(8, 8), (8, 8), (4, 4), (2, 2), (1, 1)]
 
 
+@pytest.mark.parametrize("taps, norm", [(r"encoder\.stages\.[0-2]", None), (r"encoder\.stages\.[0-3]", "layernorm")])
+def test_a_cnn_tapped_to_an_earlier_stage_reads_it_without_norms_of_other_widths(taps, norm):
+    # Stage 3 holds a block norm named like the final norm, and the final norm has stage 3's width: tapped to stage
+    # 2 (width 24), neither is the bypass's (both were, and the forward failed on the width).
+    model = restuning.get_restuning_model(CNN_CASES["convnext"].model(), BypassConfig(num_classes=3, taps=taps))
+    assert model.plan.final_norm == norm and model.task.uses_final_norm is (norm is not None)
+    assert model(**CNN_CASES["convnext"].inputs()).shape == (2, 3)
+
+
+def test_a_transformer_tapped_to_an_earlier_layer_keeps_its_final_norm_of_the_same_width():
+    model = restuning.get_restuning_model(CASES["vit"].model(), BypassConfig(num_classes=3, taps=r"layers\.0"))
+    assert model.plan.depth == 1 and model.plan.final_norm == "layernorm" and model.task.uses_final_norm
+    assert model(**CASES["vit"].inputs()).shape == (2, 3)
+
+
 def test_efficientnet_lite0_asset_bypass_and_block_tuning():
     """The shipped, pretrained EfficientNet-Lite0: a bypass over its 16 blocks, and block-level Res-Tuning."""
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -67,12 +67,13 @@ def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
             raise ConfigError(f"layers: {bad} out of range; the backbone has tapped layers 0..{len(points) - 1}")
     norm = None
     if config.final_norm and family is not None and family.final_norm is not None:
-        # The final norm comes after the last tapped layer (blocks may hold norms of the same name).
+        # The final norm is the last module of its name after the last tapped layer: blocks, the last tapped one or
+        # later ones the taps stop before, may hold norms of the same name. It reads the last tap only at its width.
         names = [n for n, _ in model.named_modules()]
         after = names[names.index(points[-1]) + 1:]
         hits = [n for n in after if re.fullmatch(family.final_norm, n) and not n.startswith(points[-1] + ".")
                 and n.startswith(prefix)]
-        norm = hits[0] if hits else None
+        norm = hits[-1] if hits and _norm_width(model.get_submodule(hits[-1])) in (None, outs[-1]) else None
     grid, causal = token_layout(root)
     pooling = _pooling(root, config.pooling, layout, family)
     if layout == "map" and pooling in ("cls", "last"):
@@ -80,6 +81,15 @@ def plan_taps(model: nn.Module, config: BypassConfig) -> TapPlan:
                           f"which have none; use avg (or mean, the same on maps) or attention")
     return TapPlan(tuple(points), (first, *outs), layout, pooling, norm,
                    bool(family and family.norm_after_pool), config.tower or "", grid or layout == "map", causal)
+
+
+def _norm_width(norm: nn.Module) -> int | None:
+    """The width a norm layer normalises (None where it does not say)."""
+    shape = getattr(norm, "normalized_shape", None)
+    if shape:
+        return int(shape[-1])
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
 
 
 def is_unet(model: nn.Module) -> bool:
