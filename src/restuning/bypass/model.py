@@ -33,12 +33,16 @@ class FrozenBackbone(ParameterReport, nn.Module):
     # the forward's transient activations shrink with the chunk.
     backbone_batch: int | None = None
     backbone_tokens: int | None = BACKBONE_TOKENS
-    # Before each frozen forward, after each tapped block in it and after it (or each chunk), on the CPU, hand what
-    # the C allocator kept of freed memory back to the OS (`precision.release_freed_memory`); False keeps glibc's
-    # own behaviour. Before, for what the training step's backward and optimizer freed; between blocks, because
-    # glibc serves a forward's temporaries from ever new parts of a fragmented heap: on SD v1.5's int8 UNet the
-    # resident set grew by over 200 MiB within one up block while what was in use stayed flat.
+    # Before each frozen forward and after it (or each chunk of it), on the CPU, hand what the C allocator kept of
+    # freed memory back to the OS (`precision.release_freed_memory`); False keeps glibc's own behaviour. Between
+    # its tapped blocks and after each of its int8 layers too, where the resident set has grown by
+    # `hand_back_growth` bytes since the last hand-back: glibc serves a forward's temporaries (an int8 layer's
+    # dequantized weights among them) from ever new parts of a fragmented heap, and on SD v1.5's int8 UNet the
+    # resident set grew by over 200 MiB within one up block while what was in use stayed flat. Only there,
+    # because every hand-back makes the next allocations fault their pages in again: after every tapped block it
+    # cost a ViT-B/16 or MiniLM forward 20-40% more CPU time.
     release_host_memory: bool = True
+    hand_back_growth: int = 128 * 2**20
 
     def __init__(self, model: nn.Module, plan: TapPlan, needed: int, first_token_only: bool = False,
                  calls: tuple[str, ...] = ()):
@@ -50,8 +54,11 @@ class FrozenBackbone(ParameterReport, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.taps = FeatureTaps(model, plan.points[:needed], first_token_only, calls=calls,
-                                between_taps=self._hand_back).attach()
+                                between_taps=self._between_taps).attach()
         self._positions: dict[tuple, int] = {}  # shapes of an example's arguments -> positions of its x_0
+        self._hand_backs = precision.HandBack()
+        self._layer_checks = [m.register_forward_hook(self._after_int8_layer) for m in model.modules()
+                              if any(precision.is_quantized(p) for p in m.parameters(recurse=False))]
 
     @property
     def runner(self) -> nn.Module:
@@ -122,7 +129,16 @@ class FrozenBackbone(ParameterReport, nn.Module):
     def _hand_back(self, on: torch.Tensor) -> None:
         """Hand freed host memory back (`release_host_memory`) where `on`, a tensor of the forward, is on the CPU."""
         if self.release_host_memory and on.device.type == "cpu":
-            precision.release_freed_memory()
+            self._hand_backs.now()
+
+    def _between_taps(self, feature: torch.Tensor) -> None:
+        """After a tapped block: hand back where the resident set grew by `hand_back_growth` since the last time."""
+        if self.release_host_memory and feature.device.type == "cpu":
+            self._hand_backs.if_grown(self.hand_back_growth)
+
+    def _after_int8_layer(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self._between_taps(output)
 
     def _chunk_size(self, args: tuple, kwargs: dict, batch: int | None) -> int | None:
         """Examples per chunk (None: the whole batch): `backbone_batch`; else, for a call whose arguments are all
@@ -152,11 +168,14 @@ class FrozenBackbone(ParameterReport, nn.Module):
         if len(self.taps.points) != needed or self.taps.first_token_only != first_token_only:
             self.taps.detach()
             self.taps = FeatureTaps(self.base_model, self.plan.points[:needed], first_token_only,
-                                    calls=self.taps.calls, between_taps=self._hand_back).attach()
+                                    calls=self.taps.calls, between_taps=self._between_taps).attach()
 
     def unload(self) -> nn.Module:
         """Remove the taps and restore requires_grad; return the pristine backbone."""
         self.taps.detach()
+        for handle in self._layer_checks:
+            handle.remove()
+        self._layer_checks.clear()
         for n, p in self.base_model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         return self.base_model
