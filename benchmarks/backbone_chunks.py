@@ -3,11 +3,13 @@
 The frozen backbone runs without autograd, so its chunks give the whole batch's features while its transient
 activations shrink with the chunk (benchmarks/memory.py measures the peaks). This measures what the chunks
 cost in time: `model.features(**inputs)` of a bypass model (mean pooling, so every token is tapped) for each
-`backbone_tokens` bound, with and without handing the freed host memory back after each chunk
-(`release_host_memory`: `restuning.precision.release_freed_memory`), all interleaved call by call in one
-process (so each sees the same machine), timed in process CPU time (every thread's; other processes do not
-count), medians of --repeats after one warm-up round. Settings (random weights: time does not depend on them; batch 32):
-- `vit_bf16`, `vit_fp32`: ViT-B/16 at 224 px (197 tokens an image), held in bfloat16 / float32.
+`backbone_tokens` bound, with and without handing the freed host memory back (`release_host_memory`:
+`restuning.precision.release_freed_memory`, before the forward, after each chunk and between tapped blocks where
+the resident set grew by `hand_back_growth`), all interleaved call by call in one process (so each sees the
+same machine), timed in process CPU time (every thread's; other processes do not count), medians of --repeats
+after one warm-up round. Settings (random weights: time does not depend on them; batch 32):
+- `vit_bf16`, `vit_int8`, `vit_fp32`: ViT-B/16 at 224 px (197 tokens an image), held in bfloat16 / int8 /
+  float32.
 - `minilm_32`, `minilm_128`: the shipped all-MiniLM-L6-v2 on random token ids, 32 / 128 tokens.
 - `resnet50`: transformers' ResNet-50 at 224 px (x_0, the stem's output, is 56 x 56 positions).
 
@@ -66,6 +68,7 @@ def _tokens(tokens: int) -> Callable[[int], dict[str, torch.Tensor]]:
 # setting -> (backbone, its dtype, inputs of a batch)
 SETTINGS: dict[str, tuple[Callable[[], nn.Module], str, Callable[[int], dict[str, torch.Tensor]]]] = {
     "vit_bf16": (_vit, "bfloat16", _images),
+    "vit_int8": (_vit, "int8", _images),
     "vit_fp32": (_vit, "float32", _images),
     "minilm_32": (_minilm, "float32", _tokens(32)),
     "minilm_128": (_minilm, "float32", _tokens(128)),
