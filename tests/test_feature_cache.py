@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import CASES
 from safetensors.torch import load_file
@@ -190,12 +191,25 @@ def test_a_tampered_file_is_rebuilt_never_used(tmp_path):
     assert cache.status == "loaded"  # the rebuilt file is whole again
 
 
-def test_a_cached_batch_takes_integer_indices_or_a_boolean_mask():
-    from restuning.bypass.cache import CachedFeatures
-
-    features = [torch.arange(5.0)[:, None].expand(5, 3).contiguous()]
-    stored = CachedFeatures(features, torch.ones(5, 2), "key")
-    (picked,), _ = stored.batch(torch.tensor([3, 0]))
-    assert picked[:, 0].tolist() == [3.0, 0.0]
-    (masked,), mask = stored.batch(torch.tensor([False, True, False, True, False]))
-    assert masked[:, 0].tolist() == [1.0, 3.0] and mask.shape == (2, 2)
+def test_a_cached_batch_in_memory_or_on_disk_takes_integer_indices_or_a_boolean_mask_and_refuses_others(tmp_path):
+    torch.manual_seed(0)
+    model = restuning.get_restuning_model(CASES["bert"].model(), BypassConfig(num_classes=2, pooling="mean"))
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, 90, (5, 6), generator=g),
+              "attention_mask": torch.ones(5, 6, dtype=torch.long)}
+    in_memory = FeatureCache().get(model, inputs)
+    per = sum(f[0].numel() * f.element_size() for f in in_memory.features)
+    on_disk = FeatureCache(tmp_path, shard_bytes=2 * per, max_resident_bytes=4 * per + 8192).get(model, inputs)
+    assert type(on_disk) is not type(in_memory)  # sharded: 3 shards of at most 2 examples
+    for stored in (in_memory, on_disk):  # the disk's caching pass ran 2 examples at a time: its own rounding
+        whole = stored.batch(torch.arange(5))[0]
+        (*picked,), mask = stored.batch(torch.tensor([3, 0]))
+        assert all(torch.equal(p, w[[3, 0]]) for p, w in zip(picked, whole, strict=True)) and mask.shape == (2, 6)
+        (*masked,), mask = stored.batch(torch.tensor([False, True, False, True, False]))
+        assert all(torch.equal(p, w[[1, 3]]) for p, w in zip(masked, whole, strict=True)) and mask.shape == (2, 6)
+        for bad, message in ((torch.tensor([-1]), r"must lie in \[0, 5\), got -1..-1"),
+                             (torch.tensor([0, 5]), r"must lie in \[0, 5\), got 0..5"),
+                             (torch.tensor([True, False]), r"one value per example \(5\), got shape \(2,\)"),
+                             (torch.tensor([0.0, 1.0]), r"integers or a boolean mask, got torch.float32")):
+            with pytest.raises(IndexError, match=message):
+                stored.batch(bad)

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..precision import backbone_dtype, is_quantized
 from . import shards
 from .model import FrozenBackbone
-from .shards import Manifest, ShardedFeatures
+from .shards import Manifest, ShardedFeatures, example_rows
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 MiB = 2**20
@@ -45,8 +45,7 @@ class CachedFeatures:
     def batch(self, index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The features (and attention mask) of the examples `index` (a 1-d integer tensor, or a boolean mask over
         the examples), (len(index), ...)."""
-        index = torch.as_tensor(index)
-        index = index.nonzero().reshape(-1) if index.dtype == torch.bool else index.long().reshape(-1)
+        index = example_rows(index, len(self))
         mask = None if self.attention_mask is None else self.attention_mask.index_select(0, index)
         # index_select copies whole rows; `f[index]` (advanced indexing) took 5x as long per batch.
         return [f.index_select(0, index) for f in self.features], mask

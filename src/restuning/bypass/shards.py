@@ -273,6 +273,24 @@ def _itemsize(name: str | None) -> int:
 
 
 # --- the reader ---------------------------------------------------------------------------------------
+def example_rows(index: torch.Tensor | Any, examples: int) -> torch.Tensor:
+    """`index` (integers in [0, examples), or a boolean mask of `examples` values) as a 1-d long tensor of rows;
+    anything else is an IndexError naming what was expected."""
+    index = torch.as_tensor(index)
+    if index.dtype == torch.bool:
+        if index.shape != (examples,):
+            raise IndexError(f"feature cache: a boolean mask must have one value per example ({examples}), got "
+                             f"shape {tuple(index.shape)}")
+        return index.nonzero().reshape(-1)
+    if index.is_floating_point() or index.is_complex():
+        raise IndexError(f"feature cache: indices must be integers or a boolean mask, got {index.dtype}")
+    index = index.long().reshape(-1)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= examples):
+        raise IndexError(f"feature cache: indices must lie in [0, {examples}), got {int(index.min())}.."
+                         f"{int(index.max())}")
+    return index
+
+
 class ShardedFeatures:
     """Tapped features of N examples, on disk in shards (see the module's docstring); the interface of
     `CachedFeatures`. `batch(index)` copies the rows `index` out of the shards they lie in, mapping at most
@@ -312,12 +330,10 @@ class ShardedFeatures:
         self._open.clear()
 
     def batch(self, index: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The features (and attention mask) of the examples `index` (a 1-d integer tensor), each
-        (len(index), ...) in the stored dtype, in memory (copies, not views of the files)."""
+        """The features (and attention mask) of the examples `index` (a 1-d integer tensor, or a boolean mask over
+        the examples), each (len(index), ...) in the stored dtype, in memory (copies, not views of the files)."""
         m = self.manifest
-        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= m.examples):
-            raise IndexError(f"feature cache: indices must lie in [0, {m.examples}), got {index.min()}..{index.max()}")
+        index = example_rows(index, m.examples)
         out = [torch.empty((len(index), *shape), dtype=torch_dtype(dtype)) for shape, dtype in m.layers]
         mask = None if m.mask_shape is None else torch.empty((len(index), *m.mask_shape),
                                                               dtype=torch_dtype(m.mask_dtype))
