@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,16 +181,9 @@ def resident_bytes() -> int | None:
     bytes, cheap enough to decide between a forward's blocks whether handing memory back would pay."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _page_size()
-    except (OSError, ValueError, IndexError):
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):  # AttributeError: no os.sysconf (Windows)
         return None
-
-
-@functools.cache
-def _page_size() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE")
 
 
 @functools.cache

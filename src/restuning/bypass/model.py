@@ -40,7 +40,8 @@ class FrozenBackbone(ParameterReport, nn.Module):
     # dequantized weights among them) from ever new parts of a fragmented heap, and on SD v1.5's int8 UNet the
     # resident set grew by over 200 MiB within one up block while what was in use stayed flat. Only there,
     # because every hand-back makes the next allocations fault their pages in again: after every tapped block it
-    # cost a ViT-B/16 or MiniLM forward 20-40% more CPU time.
+    # cost a ViT-B/16 or MiniLM forward 20-40% more CPU time. The int8 layers are those of the backbone as it is
+    # wrapped: one quantized after that is checked at its taps only.
     release_host_memory: bool = True
     hand_back_growth: int = 128 * 2**20
 
@@ -54,7 +55,7 @@ class FrozenBackbone(ParameterReport, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.taps = FeatureTaps(model, plan.points[:needed], first_token_only, calls=calls,
-                                between_taps=self._between_taps).attach()
+                                between_taps=self._hand_back_if_grown).attach()
         self._positions: dict[tuple, int] = {}  # shapes of an example's arguments -> positions of its x_0
         self._hand_backs = precision.HandBack()
         self._layer_checks = [m.register_forward_hook(self._after_int8_layer) for m in model.modules()
@@ -131,14 +132,15 @@ class FrozenBackbone(ParameterReport, nn.Module):
         if self.release_host_memory and on.device.type == "cpu":
             self._hand_backs.now()
 
-    def _between_taps(self, feature: torch.Tensor) -> None:
-        """After a tapped block: hand back where the resident set grew by `hand_back_growth` since the last time."""
-        if self.release_host_memory and feature.device.type == "cpu":
+    def _hand_back_if_grown(self, on: torch.Tensor) -> None:
+        """After a tapped block or an int8 layer (`on`, its output): hand back where the resident set grew by
+        `hand_back_growth` since the last time."""
+        if self.release_host_memory and on.device.type == "cpu":
             self._hand_backs.if_grown(self.hand_back_growth)
 
     def _after_int8_layer(self, module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor):
-            self._between_taps(output)
+            self._hand_back_if_grown(output)
 
     def _chunk_size(self, args: tuple, kwargs: dict, batch: int | None) -> int | None:
         """Examples per chunk (None: the whole batch): `backbone_batch`; else, for a call whose arguments are all
@@ -168,7 +170,7 @@ class FrozenBackbone(ParameterReport, nn.Module):
         if len(self.taps.points) != needed or self.taps.first_token_only != first_token_only:
             self.taps.detach()
             self.taps = FeatureTaps(self.base_model, self.plan.points[:needed], first_token_only,
-                                    calls=self.taps.calls, between_taps=self._between_taps).attach()
+                                    calls=self.taps.calls, between_taps=self._hand_back_if_grown).attach()
 
     def unload(self) -> nn.Module:
         """Remove the taps and restore requires_grad; return the pristine backbone."""
